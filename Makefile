@@ -1,0 +1,32 @@
+# Two set-up commands: `make demo` and `make test`. Each creates .venv if missing and installs
+# torch's CPU wheel first (a bare `torch` requirement would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) launch/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -rs --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

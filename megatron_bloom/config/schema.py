@@ -1,0 +1,217 @@
+"""Typed run configuration.
+
+Every field has a type, a default (or ``REQUIRED``) and a one-line docstring directly under it.
+The docstrings are read back with ``ast`` (see ``docs.field_docs``) to build ``--help`` and the
+README's configuration reference, so they are the single place a flag is documented.
+
+Field names are Megatron-DeepSpeed's argument names: ``num_layers`` is ``--num-layers``.
+Cross-field checks that need no process group live in ``validate.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the BLOOM model."""
+
+    model_name: Optional[str] = None
+    """Named architecture (bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom-176b, tiny); its values fill unset fields."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 64
+    """Hidden size h."""
+    num_attention_heads: int = 4
+    """Number of attention heads."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP inner size; None means 4 * hidden_size as in BLOOM."""
+    vocab_size: int = 256
+    """Number of real tokens (the tokenizer's vocabulary size or a checkpoint's embedding rows)."""
+    make_vocab_size_divisible_by: int = 128
+    """Embedding rows are padded to a multiple of this times tensor_model_parallel_size (Megatron)."""
+    seq_length: int = 128
+    """Training sequence length in tokens."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    init_method_std: float = 0.0048
+    """Standard deviation of the normal weight init (BLOOM-176B used 0.0048)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the outputs of attention and MLP before the residual add."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    apply_residual_connection_post_layernorm: bool = False
+    """Residual taken after the LayerNorm instead of before it (False in every released BLOOM)."""
+    checkpoint_activations: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    attention_impl: str = "sdpa"
+    """Attention kernel: 'sdpa' (torch scaled_dot_product_attention with an ALiBi bias) or 'eager' (baddbmm + softmax reference)."""
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Rows of the embedding: vocab_size rounded up to make_vocab_size_divisible_by * TP.
+
+        BLOOM's tokenizer has 250,680 tokens and its checkpoints 250,880 rows (a multiple of 128 * 4
+        already); rows added here exist only so every TP rank holds the same number of rows, and
+        are masked out of every softmax and loss.
+        """
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are laid out (tensor x pipeline x data) and how they talk."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel degree TP: ranks that split every weight matrix."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel degree PP: number of pipeline stages."""
+    data_parallel_size: Optional[int] = None
+    """Data-parallel degree DP; None derives it as world_size / (TP * PP)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 for the data-parallel optimizer (0 or 1 when PP > 1)."""
+    pp_partition_method: str = "type:transformer|embedding"
+    """How blocks are split into stages: 'uniform', 'parameters' or 'type:REGEX' (BLOOM counts embeddings as layers)."""
+    distributed_backend: Optional[str] = None
+    """'nccl' or 'gloo'; None picks nccl when CUDA is available, else gloo."""
+    distributed_timeout_minutes: float = 10.0
+    """Timeout of every collective; a lost rank makes the others fail after this long instead of hanging."""
+
+
+@dataclass
+class TrainingConfig:
+    """Optimization, schedule, precision and stopping."""
+
+    micro_batch_size: int = 1
+    """Samples per forward/backward on one data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all DP ranks; None means micro_batch_size * DP (no accumulation)."""
+    rampup_batch_size: Optional[List[int]] = None
+    """Batch-size ramp-up: START INCREMENT SAMPLES (Megatron semantics)."""
+    train_iters: Optional[int] = None
+    """Optimizer steps to train for (give this or train_samples)."""
+    train_samples: Optional[int] = None
+    """Samples to train for (give this or train_iters)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate floor after decay."""
+    lr_decay_style: str = "cosine"
+    """LR decay after warmup: 'constant', 'linear' or 'cosine'."""
+    lr_warmup_iters: int = 0
+    """Linear warmup length in iterations."""
+    lr_warmup_samples: int = 0
+    """Linear warmup length in samples (takes precedence over lr_warmup_iters when > 0)."""
+    lr_decay_iters: Optional[int] = None
+    """Decay length in iterations; None means train_iters."""
+    lr_decay_samples: Optional[int] = None
+    """Decay length in samples; None means train_samples."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to LayerNorms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    seed: int = 1234
+    """Random seed for weights, dropout and data order."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation."""
+    fp16: bool = False
+    """Train in float16 with fp32 master weights and dynamic loss scaling."""
+    loss_scale: Optional[float] = None
+    """Static fp16 loss scale; None means dynamic."""
+    initial_loss_scale: float = 2.0**32
+    """Starting dynamic fp16 loss scale."""
+    loss_scale_window: int = 1000
+    """Steps without overflow before the dynamic loss scale grows."""
+    exit_interval: Optional[int] = None
+    """Save and exit when the iteration is a multiple of this."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save and exit after this many minutes of wall time."""
+    skip_train_iteration_range: Optional[List[str]] = None
+    """Iteration ranges 'START-END' whose batches are skipped (recorded by absolute sample index)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    data_path: Optional[List[str]] = None
+    """Megatron blend: 'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...' of .bin/.idx datasets."""
+    split: str = "969,30,1"
+    """Train/validation/test split of data_path, as weights."""
+    train_weighted_split_paths: Optional[List[str]] = None
+    """Megatron-DeepSpeed form 'NAME: W START:END PATH, ...' for training data."""
+    valid_weighted_split_paths: Optional[List[str]] = None
+    """Same form for validation groups; each group is evaluated and reported on its own."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Tokenizer folder (or hub name when online) loadable with transformers.AutoTokenizer."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading."""
+
+    save: Optional[str] = None
+    """Directory to save checkpoints to."""
+    load: Optional[str] = None
+    """Directory to resume from; empty or missing starts from scratch with a warning."""
+    save_interval: Optional[int] = None
+    """Save every this many iterations."""
+    keep_last_k: Optional[int] = None
+    """Keep only the newest K complete checkpoints."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported and where."""
+
+    log_interval: int = 10
+    """Print and log metrics every this many iterations."""
+    eval_interval: int = 1000
+    """Evaluate on every validation group every this many iterations."""
+    eval_iters: int = 10
+    """Batches per evaluation."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard log directory; None disables TensorBoard."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project; None disables wandb (WANDB_MODE=offline works without network)."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: one section per concern, as in the YAML files under configs/."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Rank layout."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimization and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and loading."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Reporting."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
