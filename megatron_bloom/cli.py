@@ -1,0 +1,62 @@
+"""What every entry point does first and last: resolve and check the config, report errors in one line.
+
+A user error (bad config, missing file, corrupt data) ends the process with ``error: <message>``
+on stderr and exit code 2, never a traceback; the process group is destroyed on every exit path.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional, Sequence, Tuple
+
+from megatron_bloom.config import ConfigError, RunConfig, parse_config, validate_config
+from megatron_bloom.distributed.launch_env import world_size_from_env
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """Bad input from the user (data, paths, checkpoints): reported in one line, exit code 2."""
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> "NoReturn":  # noqa: F821
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = True) -> Tuple[RunConfig, int]:
+    """Parse flags + YAML and validate against the launcher's world size, before any process group."""
+    cfg = parse_config(argv)
+    world_size = world_size_from_env()
+    validate_config(cfg, world_size, for_training=for_training)
+    return cfg, world_size
+
+
+def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
+    """Wrap ``main`` so user errors print one line, and the process group always goes down."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> None:
+        from megatron_bloom.distributed.init import shutdown
+
+        code = 0
+        try:
+            code = main(*args, **kwargs) or 0
+        except (ConfigError, UserError) as exc:
+            shutdown()
+            fail(str(exc))
+        except KeyboardInterrupt:
+            shutdown()
+            fail("interrupted", code=130)
+        finally:
+            shutdown()
+        raise SystemExit(code)
+
+    return wrapper
+
+
+def pretrain_main() -> None:
+    """Console-script alias of launch/pretrain.py."""
+    from megatron_bloom.training.pretrain import main
+
+    entry_point(main)()
