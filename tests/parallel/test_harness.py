@@ -1,0 +1,80 @@
+"""The multi-rank harness itself, and process-group construction over gloo."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.distributed import init_distributed
+from megatron_bloom.testing import RankFailure, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _all_reduce_rank():
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _raise_on_rank_one():
+    if dist.get_rank() == 1:
+        raise RuntimeError("boom on purpose")
+    return dist.get_rank()
+
+
+def _rank_two_stalls():
+    if dist.get_rank() == 2:
+        time.sleep(60)
+    return dist.get_rank()
+
+
+def _groups(tp, pp):
+    state = init_distributed(tp=tp, pp=pp, backend="gloo", timeout_minutes=1)
+
+    def reduce_over(group):
+        t = torch.tensor([float(state.rank)])
+        dist.all_reduce(t, group=group)
+        return t.item()
+
+    return {
+        "coord": tuple(state.coord),
+        "tp": reduce_over(state.tp_group),
+        "dp": reduce_over(state.dp_group),
+        "pp": reduce_over(state.pp_group),
+        "emb": reduce_over(state.embedding_group),
+        "ranks": (state.tp_ranks, state.dp_ranks, state.pp_ranks, state.embedding_ranks),
+    }
+
+
+def test_results_by_rank():
+    out = run_distributed(_all_reduce_rank, 4, timeout=60)
+    assert out == [(r, 6.0) for r in range(4)]
+
+
+def test_error_names_rank():
+    with pytest.raises(RankFailure, match="rank 1 of 2 raised:[\\s\\S]*boom on purpose"):
+        run_distributed(_raise_on_rank_one, 2, timeout=60)
+
+
+def test_stall_names_rank():
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[2\] of 3 stalled"):
+        run_distributed(_rank_two_stalls, 3, timeout=8)
+    assert time.monotonic() - start < 25
+
+
+def test_init_distributed_builds_the_documented_groups():
+    """8 ranks, TP=2, PP=2, DP=2: each group sums exactly the ranks topology.py lists."""
+    from megatron_bloom.distributed import ParallelDims
+
+    dims = ParallelDims(tp=2, pp=2, dp=2)
+    out = run_distributed(_groups, 8, 2, 2, init=False, timeout=90)
+    for rank, res in enumerate(out):
+        assert res["coord"] == tuple(dims.coord(rank))
+        tp, dp, pp, emb = res["ranks"]
+        assert tp == dims.group_of(dims.tp_groups(), rank)
+        assert dp == dims.group_of(dims.dp_groups(), rank)
+        assert pp == dims.group_of(dims.pp_groups(), rank)
+        assert emb == dims.group_of(dims.embedding_groups(), rank)
+        assert res["tp"] == sum(tp) and res["dp"] == sum(dp) and res["pp"] == sum(pp) and res["emb"] == sum(emb)
