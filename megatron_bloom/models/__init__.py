@@ -1,0 +1,1 @@
+"""Model definitions (single device; parallel forms are built by separate functions)."""
