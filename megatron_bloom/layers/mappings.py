@@ -1,0 +1,122 @@
+"""Collectives of the tensor-parallel region, in pairs whose backward is the forward's dual.
+
+    copy_to_tensor_parallel_region      forward: identity      backward: all-reduce
+    reduce_from_tensor_parallel_region  forward: all-reduce    backward: identity
+    scatter_to_tensor_parallel_region   forward: split (last)  backward: all-gather (last)
+    gather_from_tensor_parallel_region  forward: all-gather    backward: split
+
+A column-parallel linear starts with ``copy`` (every rank consumes the whole input, so the input's
+gradient is the sum of every rank's contribution); a row-parallel linear ends with ``reduce``
+(every rank holds a partial sum of the output). Every function takes the group it uses; with a
+group of one rank (or none) each is the identity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ---- private primitives ------------------------------------------------------------------------
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    # Out of place: the autograd graph may still need the input (and gloo reduces in place).
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    size = group_size(group)
+    if size == 1:
+        return x
+    assert x.shape[-1] % size == 0, f"last dim {x.shape[-1]} not divisible by tensor-parallel size {size}"
+    return x.chunk(size, dim=-1)[group_rank(group)].contiguous()
+
+
+def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    size = group_size(group)
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+# ---- autograd functions ------------------------------------------------------------------------
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last_dim(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last_dim(grad, ctx.group), None
+
+
+# ---- public wrappers ---------------------------------------------------------------------------
+
+
+def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
