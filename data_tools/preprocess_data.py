@@ -1,0 +1,304 @@
+"""Tokenize a corpus into Megatron MMIDIDX files: `PREFIX_<key>_document.bin/.idx` per json key.
+
+    python data_tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-name-or-path bigscience/bloom --json-keys text --append-eod --workers 8
+
+Inputs: jsonl, jsonl.gz, parquet, a `datasets.save_to_disk` folder, or a Hub dataset name (online).
+Each document becomes one sequence (one document) in the output, in input order whatever --workers.
+
+How it stays fast: worker processes read their own byte range of the input, parse it and call the
+Rust tokenizer on whole batches (encode_batch); they send back one numpy array of ids per key and
+task, which the parent appends to the .bin with a single write. No Python code runs per token.
+
+How it stays safe: outputs are written as `*.tmp` and renamed only when complete, the .idx last, so
+an interrupted run never leaves a pair that looks finished. Problems are reported as one
+`error: ...` line on stderr with exit code 2; a bad line names `file:line`.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import deque
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron_bloom.data.indexed_dataset import (
+    IndexedDatasetError,
+    MMapIndexedDatasetBuilder,
+    best_dtype,
+    data_file_path,
+    index_file_path,
+)
+from megatron_bloom.data.readers import CorpusReader, InputError, ParsedTask, check_records, parse_jsonl, read_range
+from megatron_bloom.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
+
+# --------------------------------------------------------------------------------------------
+# Worker side. State is a module global so forked workers inherit it without pickling; spawned
+# workers rebuild it in `_init_worker` from the serialized tokenizer.
+_STATE: dict | None = None
+
+
+def _init_worker(state: dict) -> None:
+    global _STATE
+    # One Rust thread per worker: the workers are the parallelism; rayon threads on top of them
+    # would only fight over the same cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
+    if _STATE is None:
+        state = dict(state)
+        state["tokenizer"] = Tokenizer.from_str(state.pop("tokenizer_json"), state["special_tokens"], state["name"])
+        _STATE = state
+
+
+def _encode(texts: list[str], units: list[int], task: ParsedTask, skip_bad: bool):
+    """encode_batch, falling back to one text at a time only to name a text the tokenizer rejects."""
+    tok, dtype, eod = _STATE["tokenizer"], _STATE["dtype"], _STATE["append_eod"]
+    try:
+        return tok.encode_batch_numpy(texts, dtype=dtype, append_eod=eod)
+    except Exception:
+        pass  # find the offending text below; a genuine bug re-raises from the last call
+    keep = []
+    for i, text in enumerate(texts):
+        try:
+            tok.encode_batch_numpy([text], dtype=dtype)
+            keep.append(i)
+        except Exception as e:  # e.g. lone surrogates from a "\ud800" escape
+            reason = f"text cannot be tokenized ({type(e).__name__}: {e})"
+            if not skip_bad:
+                task.fatal = (units[i], reason)
+                return None
+            task.bad.append((units[i], reason))
+    return tok.encode_batch_numpy([texts[i] for i in keep], dtype=dtype, append_eod=eod)
+
+
+def _work(task: tuple):
+    """One task -> (tokens and lengths per key, units covered, bytes covered, bad units, fatal)."""
+    keys, skip_bad, batch = _STATE["keys"], _STATE["skip_bad"], _STATE["batch_size"]
+    kind = task[0]
+    if kind == "range":
+        parsed = parse_jsonl(read_range(*task[1:]), keys, skip_bad)
+    elif kind == "lines":
+        parsed = parse_jsonl(task[1], keys, skip_bad)
+    else:
+        parsed = check_records(task[1], keys, skip_bad)
+    out = {}
+    if parsed.fatal is None:
+        for key in keys:
+            texts, units = parsed.columns[key], parsed.units
+            parts = []
+            for s in range(0, len(texts), batch):
+                encoded = _encode(texts[s : s + batch], units[s : s + batch], parsed, skip_bad)
+                if encoded is None:
+                    break
+                parts.append(encoded)
+            if parsed.fatal is not None:
+                break
+            flat = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, _STATE["dtype"])
+            lengths = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+            out[key] = (flat, lengths)
+    return out, parsed.n_units, parsed.n_bytes, parsed.bad, parsed.fatal
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side.
+def output_prefix_for(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+class _Outputs:
+    """Builders writing `*.tmp` files; `commit` renames them into place, `discard` deletes them."""
+
+    def __init__(self, prefix: str, keys: list[str], dtype):
+        self.final = {k: output_prefix_for(prefix, k) for k in keys}
+        self.builders = {k: MMapIndexedDatasetBuilder(data_file_path(p) + ".tmp", dtype) for k, p in self.final.items()}
+
+    def commit(self) -> None:
+        for key, prefix in self.final.items():
+            self.builders[key].finalize(index_file_path(prefix) + ".tmp")
+        # An old .idx next to a new .bin would look finished but be wrong: drop it before the .bin
+        # moves, and move every .idx only once every .bin is in place.
+        for prefix in self.final.values():
+            if os.path.exists(index_file_path(prefix)):
+                os.remove(index_file_path(prefix))
+        for prefix in self.final.values():
+            os.replace(data_file_path(prefix) + ".tmp", data_file_path(prefix))
+        for prefix in self.final.values():
+            os.replace(index_file_path(prefix) + ".tmp", index_file_path(prefix))
+
+    def discard(self) -> None:
+        for key, prefix in self.final.items():
+            self.builders[key].close()
+            for path in (data_file_path(prefix) + ".tmp", index_file_path(prefix) + ".tmp"):
+                if os.path.exists(path):
+                    os.remove(path)
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so `finally` blocks remove the partial outputs
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def preprocess(args) -> dict:
+    start = time.perf_counter()
+    keys = list(dict.fromkeys(args.json_keys))
+    # Cheap checks first: a wrong tokenizer path or key should fail in a second, not after an hour.
+    reader = CorpusReader(args.input, keys, chunk_bytes=int(args.chunk_mb * 1_000_000), batch_size=args.batch_size)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path)
+    if args.append_eod and tokenizer.eod_id is None:
+        raise TokenizerLoadError(f"{args.tokenizer_name_or_path}: tokenizer has no eos token to use with --append-eod")
+    reader.check()
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = best_dtype(tokenizer.vocab_size)
+
+    state = {
+        "keys": keys,
+        "skip_bad": args.skip_bad_lines,
+        "batch_size": args.batch_size,
+        "append_eod": args.append_eod,
+        "dtype": dtype,
+        "special_tokens": tokenizer.special_tokens,
+        "name": tokenizer.name_or_path,
+    }
+    global _STATE
+    _STATE = dict(state, tokenizer=tokenizer)
+    # fork is cheapest (no re-imports), but only safe before anything starts threads; the
+    # columnar readers load pyarrow, which does, so those inputs use spawn.
+    forkable = reader.format in ("jsonl", "jsonl.gz") and "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if forkable else "spawn")
+    pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(dict(state, tokenizer_json=tokenizer.to_str()),))
+    previous_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+    outputs = _Outputs(args.output_prefix, keys, dtype)
+    total_bytes, total_rows = reader.total_bytes(), reader.total_rows()
+    bar = tqdm(
+        total=total_bytes if total_bytes is not None else total_rows,
+        unit="B" if total_bytes is not None else "doc",
+        unit_scale=True,
+        disable=args.quiet,
+        mininterval=0.5 if sys.stderr.isatty() else 5.0,
+        desc="preprocess",
+    )
+    stats = {"docs": 0, "tokens": 0, "bytes": 0, "units": 0, "bad": 0, "first_bad": None}
+    committed = False
+    try:
+        pending: deque = deque()
+        # A bounded window of tasks in flight keeps memory flat (gzip and columnar tasks carry
+        # their data) while results are still consumed strictly in input order.
+        window = 2 * args.workers + 2
+        for task in reader.tasks():
+            pending.append(pool.apply_async(_work, (task,)))
+            if len(pending) >= window:
+                _consume(pending.popleft().get(), reader, outputs, stats, bar, start)
+        while pending:
+            _consume(pending.popleft().get(), reader, outputs, stats, bar, start)
+        if stats["docs"] == 0:
+            raise InputError(f"{reader.path}: input has no usable documents ({stats['bad']} bad {reader.unit}s skipped)")
+        outputs.commit()
+        committed = True
+    finally:
+        pool.terminate()
+        pool.join()
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_term)
+        if not committed:
+            outputs.discard()
+    stats["seconds"] = time.perf_counter() - start
+    stats["outputs"] = list(outputs.final.values())
+    return stats
+
+
+def _consume(result, reader: CorpusReader, outputs: _Outputs, stats: dict, bar, start: float) -> None:
+    per_key, n_units, n_bytes, bad, fatal = result
+    first = stats["units"]  # units before this task, so unit i of the task is line first+i+1
+    if fatal is not None:
+        raise InputError(_where(reader, first + fatal[0]) + f": {fatal[1]}; fix it or pass --skip-bad-lines")
+    if bad and stats["first_bad"] is None:
+        stats["first_bad"] = _where(reader, first + bad[0][0]) + f": {bad[0][1]}"
+    stats["bad"] += len(bad)
+    stats["units"] += n_units
+    for key, (flat, lengths) in per_key.items():
+        outputs.builders[key].add_documents(flat, lengths)
+    first_key = next(iter(per_key), None)
+    n_docs = len(per_key[first_key][1]) if first_key else 0
+    stats["docs"] += n_docs
+    stats["tokens"] += sum(len(flat) for flat, _ in per_key.values())
+    stats["bytes"] += n_bytes
+    bar.update(n_bytes if bar.unit == "B" else n_docs)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix_str(
+        f"{stats['docs'] / elapsed:,.0f} docs/s, {stats['bytes'] / elapsed / 1e6:.1f} MB/s, {_fmt_count(stats['tokens'] / elapsed)} tok/s",
+        refresh=False,
+    )
+
+
+def _where(reader: CorpusReader, unit_index: int) -> str:
+    # 1-based like editors and `sed -n Np`: line N of a jsonl, row N of a table.
+    if reader.unit == "line":
+        return f"{reader.path}:{unit_index + 1}"
+    return f"{reader.path}:row {unit_index + 1}"
+
+
+def summary_line(stats: dict) -> str:
+    s = max(stats["seconds"], 1e-9)
+    line = (
+        f"done: {stats['docs']:,} docs, {stats['tokens']:,} tokens, {stats['bytes'] / 1e6:.1f} MB in {s:.1f}s "
+        f"({stats['bytes'] / s / 1e6:.1f} MB/s, {_fmt_count(stats['tokens'] / s)} tok/s, {stats['docs'] / s:,.0f} docs/s); "
+        f"skipped {stats['bad']} bad lines"
+    )
+    if stats["first_bad"]:
+        line += f" (first: {stats['first_bad']})"
+    return line + f"; wrote {', '.join(p + '.{bin,idx}' for p in stats['outputs'])}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="jsonl, jsonl.gz, parquet, save_to_disk folder, or Hub dataset name")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
+    p.add_argument("--tokenizer-name-or-path", required=True, help="tokenizer folder, tokenizer.json, or Hub name")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize; one output per key")
+    p.add_argument("--append-eod", action="store_true", help="end every document with the eos (</s>) token")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="MB of input per worker task")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1 or args.batch_size < 1 or args.chunk_mb <= 0:
+        print("error: --workers and --batch-size must be >= 1 and --chunk-mb > 0", file=sys.stderr)
+        return 2
+    try:
+        stats = preprocess(args)
+    except (InputError, TokenizerLoadError, IndexedDatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; partial outputs removed", file=sys.stderr)
+        return 130
+    print(summary_line(stats), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
