@@ -128,10 +128,9 @@ def build_blending_indices(weights: Sequence[float], size: int, block: Optional[
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 1 or len(weights) == 0 or np.any(weights <= 0) or not np.all(np.isfinite(weights)):
         raise ValueError(f"blend weights must be finite and > 0, got {weights.tolist()}")
-    if weights.sum() != 1.0:
-        # Already-normalized weights are used as given: renormalizing could flip last bits and
-        # with them a near-tie, diverging from Megatron, which normalizes exactly once here.
-        weights = weights / weights.sum()
+    # Normalized exactly once here, as Megatron's BlendableDataset does: a second normalization
+    # could flip last bits and with them a near-tie, diverging from Megatron's order.
+    weights = weights / np.sum(weights)
     num = len(weights)
     if size <= 0:
         return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
@@ -170,11 +169,12 @@ class BlendedDataset:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights; give one weight per dataset")
         self.datasets = list(datasets)
-        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.names = list(names) if names is not None else [getattr(d, "data_prefix", str(i)) for i, d in enumerate(datasets)]
         self.size = size
         start = time.time()
-        self.dataset_index, self.dataset_sample_index = build_blending_indices(self.weights, size)
+        # The given weights, not a normalized copy: build_blending_indices normalizes them itself.
+        self.dataset_index, self.dataset_sample_index = build_blending_indices(weights, size)
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         logger.info("blending indices for %d samples of %d datasets in %.2fs", size, len(datasets), time.time() - start)
         taken = np.bincount(self.dataset_index, minlength=len(datasets))
         for i, (dataset, n) in enumerate(zip(self.datasets, taken)):
