@@ -46,12 +46,26 @@ from megatron_bloom.data.tokenizer import Tokenizer, TokenizerLoadError, load_to
 _STATE: dict | None = None
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the parent dies (e.g. SIGKILL by a scheduler).
+
+    Pool workers otherwise wait forever on a task queue whose other end they hold themselves.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: orphans then exit when their pipe breaks, as before
+
+
 def _init_worker(state: dict) -> None:
     global _STATE
     # One Rust thread per worker: the workers are the parallelism; rayon threads on top of them
     # would only fight over the same cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
+    _die_with_parent()
     if _STATE is None:
         state = dict(state)
         state["tokenizer"] = Tokenizer.from_str(state.pop("tokenizer_json"), state["special_tokens"], state["name"])
