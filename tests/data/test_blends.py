@@ -214,3 +214,24 @@ def test_validation_groups_are_built_and_named_separately(tmp_path):
     assert list(valid) == ["VALID_EN", "VALID_FR"]
     assert all(valid["VALID_EN"][k]["text"][0] < 10_000 for k in range(20))
     assert all(valid["VALID_FR"][k]["text"][0] >= 10_090 for k in range(20))
+
+
+# --- data_tools/language_weights.py ----------------------------------------------------------------
+
+
+def test_alpha_weights_formula_and_cli_output_is_a_data_path(tmp_path, capsys):
+    from data_tools import language_weights as lw
+
+    counts = [1_200, 400, 2]
+    w = lw.alpha_weights(counts, 0.3)
+    q = (np.array(counts) / 1602) ** 0.3
+    np.testing.assert_allclose(w, q / q.sum())
+    np.testing.assert_allclose(lw.alpha_weights(counts, 1.0), np.array(counts) / 1602)  # alpha=1: proportional
+    assert w[2] > 2 / 1602  # alpha < 1 upsamples the small language
+    en = _corpus(tmp_path, "en", 30, 40, base=0)  # 1200 tokens read from the .idx sizes
+    assert lw.main([en, "fr", "400", "yo", "2", "--prefix-template", "data/{lang}"]) == 0
+    prefixes, weights = parse_data_path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert prefixes == [en, "data/fr", "data/yo"]
+    np.testing.assert_allclose(weights, w, rtol=1e-5)  # printed with 6 significant digits
+    assert lw.main(["en", "12", "3"]) == 2
+    assert "follows no language name" in capsys.readouterr().err
