@@ -151,8 +151,9 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
     """
     lengths = np.asarray(sizes)[doc_idx].astype(np.int64)
     ends = np.cumsum(lengths)  # ends[j]: stream position just after document doc_idx[j]
-    if num_samples * seq_length >= (int(ends[-1]) if len(ends) else 0):
-        raise ValueError(f"{num_samples} samples of {seq_length} tokens need more than the {int(ends[-1]) if len(ends) else 0}-token stream")
+    stream_tokens = int(ends[-1]) if len(ends) else 0
+    if num_samples * seq_length >= stream_tokens:
+        raise ValueError(f"{num_samples} samples of {seq_length} tokens need more than the {stream_tokens} tokens of doc_idx")
     positions = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
     # First document whose end lies beyond the position; empty documents are skipped naturally.
     doc_pos = np.searchsorted(ends, positions, side="right")
