@@ -60,7 +60,7 @@ def parallelize_bloom(
     ``model`` must be the full model (same weights on every rank); the padded vocabulary must be
     divisible by the TP size (``ModelConfig.padded_vocab_size(tp)`` guarantees it).
     """
-    tp, rank = group_size(tp_group), group_rank(tp_group)
+    tp = group_size(tp_group)
     model.tensor_parallel_group = tp_group
     if tp == 1:
         return model
@@ -72,19 +72,27 @@ def parallelize_bloom(
     model.transformer.word_embeddings = emb
     model.lm_head = ParallelLMHead(emb, cfg.vocab_size, tp_group)
 
-    heads_per_rank = cfg.num_attention_heads // tp
     for block in model.transformer.h:
-        attn, mlp = block.self_attention, block.mlp
-        attn.query_key_value = ColumnParallelLinear(attn.query_key_value, tp_group)
-        attn.dense = RowParallelLinear(attn.dense, tp_group)
-        attn.set_head_range(rank * heads_per_rank, heads_per_rank)
-        mlp.dense_h_to_4h = ColumnParallelLinear(mlp.dense_h_to_4h, tp_group)
-        mlp.dense_4h_to_h = RowParallelLinear(mlp.dense_4h_to_h, tp_group)
-        if cfg.attention_dropout > 0:
-            if tracker is None:
-                raise ValueError("attention_dropout > 0 with TP > 1 needs a model-parallel RNG tracker")
-            attn.attention_dropout = TensorParallelDropout(cfg.attention_dropout, tracker)
+        shard_block_(block, cfg, tp_group, tracker)
     return model
+
+
+def shard_block_(block: nn.Module, cfg, tp_group: Group, tracker: Optional[RNGStatesTracker]) -> None:
+    """Replace one BloomBlock's linears by their TP shards for the calling rank (in place)."""
+    tp, rank = group_size(tp_group), group_rank(tp_group)
+    if tp == 1:
+        return
+    heads_per_rank = cfg.num_attention_heads // tp
+    attn, mlp = block.self_attention, block.mlp
+    attn.query_key_value = ColumnParallelLinear(attn.query_key_value, tp_group)
+    attn.dense = RowParallelLinear(attn.dense, tp_group)
+    attn.set_head_range(rank * heads_per_rank, heads_per_rank)
+    mlp.dense_h_to_4h = ColumnParallelLinear(mlp.dense_h_to_4h, tp_group)
+    mlp.dense_4h_to_h = RowParallelLinear(mlp.dense_4h_to_h, tp_group)
+    if cfg.attention_dropout > 0:
+        if tracker is None:
+            raise ValueError("attention_dropout > 0 with TP > 1 needs a model-parallel RNG tracker")
+        attn.attention_dropout = TensorParallelDropout(cfg.attention_dropout, tracker)
 
 
 def vocab_start_index(model: nn.Module) -> int:

@@ -1,0 +1,168 @@
+"""The 3D-parallel engine: BLOOM layers + our TP groups + DeepSpeed's pipeline engine and ZeRO.
+
+    PP > 1:  PipelineModule (1F1B schedule of DeepSpeed's PipelineEngine), ZeRO 0 or 1
+    PP == 1: BloomSequential under DeepSpeed's plain engine, ZeRO 0-3, our TP groups as its mpu
+
+Both build the same layers from the same per-layer seeds, so every layout starts from, and
+(up to float summation order) follows, the same trajectory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config.schema import RunConfig
+from megatron_bloom.distributed.mpu import DeepSpeedMPU
+from megatron_bloom.distributed.parallel_state import ParallelState
+from megatron_bloom.layers import model_parallel_tracker
+from megatron_bloom.models.bloom.pipeline import (
+    BloomSequential,
+    LMLoss,
+    bloom_layer_specs,
+    mark_grad_norm_owners,
+    seed_layer,
+)
+from megatron_bloom.training.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
+from megatron_bloom.training.optimizer import build_optimizer
+
+MicroBatch = Tuple[object, Tuple[torch.Tensor, ...]]
+"""(inputs, (labels, loss_mask)): inputs is input_ids [b, s] or (input_ids, segment_ids)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss of the global batch (the same on every rank)."""
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping (None when DeepSpeed does not report it)."""
+    skipped: bool
+    """True when the optimizer step was skipped (fp16 overflow)."""
+    loss_scale: Optional[float]
+
+
+class BloomEngine:
+    def __init__(self, cfg: RunConfig, state: ParallelState):
+        import deepspeed
+
+        self.cfg, self.state = cfg, state
+        # DeepSpeed's comm layer wraps the default group we created (it does not create another).
+        deepspeed.init_distributed(dist_backend=state.backend, auto_mpi_discovery=False)
+        m, p = cfg.model, cfg.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        self.padded_vocab_size = m.padded_vocab_size(tp)
+        self.tracker = model_parallel_tracker(cfg.training.seed, state.tp_rank)
+        vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
+        specs = bloom_layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
+        loss_fn = LMLoss(state.tp_group if tp > 1 else None, vocab_start)
+        self.is_pipeline = pp > 1
+        if self.is_pipeline:
+            from deepspeed.pipe import PipelineModule
+            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+            topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=p.data_parallel_size)
+            module = PipelineModule(
+                layers=specs,
+                topology=topology,
+                loss_fn=loss_fn,
+                seed_layers=True,
+                seed_fn=seed_layer,  # DeepSpeed passes numpy ints, which random.seed rejects
+                base_seed=cfg.training.seed,
+                partition_method=p.pp_partition_method,
+            )
+        else:
+            module = BloomSequential(specs, loss_fn, cfg.training.seed)
+        mark_grad_norm_owners(module, state.tp_rank)
+        self.module = module
+        optimizer = build_optimizer(module, cfg.training)
+        self.ds_config = build_deepspeed_config(cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=self.ds_config,
+            mpu=None if self.is_pipeline else DeepSpeedMPU(state),
+        )
+        self.gradient_accumulation_steps = gradient_accumulation_steps(cfg)
+
+    # ---------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        t = self.cfg.training
+        return torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_gradient_accumulation_steps(self, steps: int) -> None:
+        """Batch-size ramp-up changes the number of micro-batches per step."""
+        self.gradient_accumulation_steps = steps
+        self.engine.set_train_batch_size(steps * self.cfg.training.micro_batch_size * self.state.dims.dp)
+
+    def _to_device(self, batch: MicroBatch) -> MicroBatch:
+        dev = self.state.device
+
+        def move(x):
+            if isinstance(x, (tuple, list)):
+                return tuple(move(t) for t in x)
+            return x.to(dev, non_blocking=True)
+
+        return move(batch[0]), move(batch[1])
+
+    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
+        """One optimizer step over this rank's ``gradient_accumulation_steps`` micro-batches.
+
+        Only the first and last pipeline stages read data; other stages may pass an empty list.
+        """
+        self.engine.train()
+        if self.is_pipeline:
+            batches = [self._to_device(b) for b in micro_batches]
+            loss = self.engine.train_batch(data_iter=iter(batches)).item()
+        else:
+            assert len(micro_batches) == self.gradient_accumulation_steps, (
+                f"{len(micro_batches)} micro-batches for {self.gradient_accumulation_steps} accumulation steps"
+            )
+            total = torch.zeros((), dtype=torch.float32, device=self.state.device)
+            for batch in micro_batches:
+                inputs, labels = self._to_device(batch)
+                loss = self.engine(inputs, labels)
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().float()
+            total /= len(micro_batches)
+            if self.state.dims.dp > 1:
+                dist.all_reduce(total, group=self.state.dp_group)
+                total /= self.state.dims.dp
+            loss = total.item()
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = norm.item()
+        skipped = bool(getattr(self.optimizer, "overflow", False)) and self.cfg.training.fp16
+        scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.training.fp16 else None
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped, loss_scale=scale)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: Sequence[MicroBatch]) -> float:
+        """Mean loss over micro-batches without updating anything (same on every rank)."""
+        self.engine.eval()
+        if self.is_pipeline:
+            batches = [self._to_device(b) for b in micro_batches]
+            return self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=len(batches)).item()
+        total = torch.zeros((), dtype=torch.float32, device=self.state.device)
+        for batch in micro_batches:
+            inputs, labels = self._to_device(batch)
+            total += self.engine(inputs, labels).float()
+        total /= max(len(micro_batches), 1)
+        if self.state.dims.dp > 1:
+            dist.all_reduce(total, group=self.state.dp_group)
+            total /= self.state.dims.dp
+        return total.item()
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether this rank's stage consumes micro-batches (first or last pipeline stage)."""
+        return self.state.is_first_stage or self.state.is_last_stage

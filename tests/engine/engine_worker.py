@@ -1,0 +1,64 @@
+"""Training run used by the engine parity tests (imported by spawned ranks)."""
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.config import RunConfig, validate_config
+from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.distributed import init_distributed
+
+SEQ = 32
+VOCAB = 250
+
+
+def tiny_config(tp, pp, zero, mbs=2, gbs=8, clip=0.5, **training):
+    cfg = RunConfig()
+    cfg.model = ModelConfig(num_layers=4, hidden_size=48, num_attention_heads=4, vocab_size=VOCAB,
+                            seq_length=SEQ, init_method_std=0.05)
+    cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.pipeline_model_parallel_size = pp
+    cfg.parallel.zero_stage = zero
+    cfg.training.micro_batch_size = mbs
+    cfg.training.global_batch_size = gbs
+    cfg.training.clip_grad = clip
+    cfg.training.lr = 3e-3
+    cfg.training.weight_decay = 0.1
+    cfg.training.train_iters = 100
+    cfg.training.seed = 42
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+def sample(k):
+    g = torch.Generator().manual_seed(1000 + k)
+    # A learnable stream: runs of a repeated token pattern plus noise, so the loss falls.
+    base = torch.arange(SEQ + 1) % 7 + (k % 5) * 11
+    noise = torch.randint(0, VOCAB, (SEQ + 1,), generator=g)
+    keep = torch.rand(SEQ + 1, generator=g) < 0.8
+    return torch.where(keep, base, noise)
+
+
+def micro_batches(step, gbs, mbs, dp, dp_rank):
+    """Megatron order: micro-batch j of DP rank r holds samples base + j*mbs*dp + r*mbs + [0, mbs)."""
+    out = []
+    for j in range(gbs // (mbs * dp)):
+        start = step * gbs + j * mbs * dp + dp_rank * mbs
+        tokens = torch.stack([sample(k) for k in range(start, start + mbs)])
+        out.append((tokens[:, :-1], (tokens[:, 1:], torch.ones(mbs, SEQ))))
+    return out
+
+
+def train(tp, pp, zero, steps, **kw):
+    from megatron_bloom.training.engine import BloomEngine
+
+    cfg = tiny_config(tp, pp, zero, **kw)
+    validate_config(cfg, dist.get_world_size())
+    state = init_distributed(tp, pp, backend="gloo")
+    engine = BloomEngine(cfg, state)
+    t = cfg.training
+    results = []
+    for step in range(steps):
+        batches = micro_batches(step, t.global_batch_size, t.micro_batch_size, state.dims.dp, state.dp_rank)
+        r = engine.train_step(batches if engine.reads_data else [])
+        results.append((r.loss, r.grad_norm, r.skipped))
+    return results
