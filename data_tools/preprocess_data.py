@@ -207,7 +207,7 @@ def preprocess(args) -> dict:
         mininterval=0.5 if sys.stderr.isatty() else 5.0,
         desc="preprocess",
     )
-    stats = {"docs": 0, "tokens": 0, "bytes": 0, "units": 0, "bad": 0, "first_bad": None}
+    stats = {"docs": 0, "tokens": 0, "bytes": 0, "units": 0, "bad": 0, "first_bad": None, "bar_in_bytes": total_bytes is not None}
     committed = False
     try:
         pending: deque = deque()
@@ -252,7 +252,7 @@ def _consume(result, reader: CorpusReader, outputs: _Outputs, stats: dict, bar, 
     stats["docs"] += n_docs
     stats["tokens"] += sum(len(flat) for flat, _ in per_key.values())
     stats["bytes"] += n_bytes
-    bar.update(n_bytes if bar.unit == "B" else n_docs)
+    bar.update(n_bytes if stats["bar_in_bytes"] else n_docs)
     elapsed = max(time.perf_counter() - start, 1e-9)
     bar.set_postfix_str(
         f"{stats['docs'] / elapsed:,.0f} docs/s, {stats['bytes'] / elapsed / 1e6:.1f} MB/s, {_fmt_count(stats['tokens'] / elapsed)} tok/s",
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append-eod", action="store_true", help="end every document with the eos (</s>) token")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="MB of input per worker task")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="MB of input per worker task (small enough to balance workers)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
     return p

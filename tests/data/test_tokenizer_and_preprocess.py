@@ -134,7 +134,7 @@ def test_several_json_keys_without_eod(corpus, tokenizer, tmp_path):
     prefix = tmp_path / "multi"
     result = run_tool(
         "preprocess_data", "--input", corpus["jsonl"], "--output-prefix", prefix,
-        "--tokenizer-name-or-path", corpus["tok"], "--json-keys", "text", "title", "--workers", 2, "--batch-size", 7,
+        "--tokenizer-name-or-path", corpus["tok"], "--json-keys", "text", "title", "--workers", 2, "--batch-size", 7, "--quiet",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for key in ("text", "title"):
