@@ -289,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     p.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call")
     p.add_argument("--chunk-mb", type=float, default=1.0, help="MB of input per worker task (small enough to balance workers)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip and count malformed lines instead of stopping (a first line without the key still stops: that is a wrong --json-keys)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
     return p
 

@@ -152,6 +152,14 @@ class MMapIndexedDataset:
         # np.memmap refuses empty files, and an empty dataset is legal (e.g. a filtered-out shard).
         self._bin_buffer = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_bytes else np.empty(0, np.uint8)
 
+    def __getstate__(self):
+        # Pickle the path, not the maps: np.memmap would pickle as a full in-memory copy of the
+        # .bin, which DataLoader workers started with spawn would each receive.
+        return {"path_prefix": self._prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"])
+
     def __len__(self) -> int:
         return len(self._sizes)
 

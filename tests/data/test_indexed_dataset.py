@@ -1,4 +1,5 @@
 """MMIDIDX reader/builder: round trips, byte compatibility with an independent writer, corruption checks."""
+import pickle
 import struct
 
 import numpy as np
@@ -114,6 +115,14 @@ def test_get_offsets_slices_and_negative_index(tmp_path):
         ds[2]
     with pytest.raises(IndexError):
         ds.get(1, offset=2, length=5)
+
+
+def test_pickles_by_path_not_by_content(tmp_path):
+    independent_write(str(tmp_path / "d"), [[list(range(5000))]], np.int32)
+    ds = MMapIndexedDataset(str(tmp_path / "d"))
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000  # the 20 kB of tokens stay on disk
+    assert pickle.loads(blob)[0].tolist() == list(range(5000))
 
 
 def test_merge_file_offsets_documents(tmp_path):

@@ -248,7 +248,8 @@ def test_missing_tokenizer_and_input_are_clear_errors(corpus, tmp_path):
     assert_clean_error(result, "absent.jsonl", "no such file")
 
 
-def test_killed_run_leaves_nothing_that_looks_finished(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_nothing_that_looks_finished(corpus, tmp_path, sig):
     source = tmp_path / "big.jsonl"
     gen = CorpusGenerator(seed=9)
     write_jsonl(source, [{"text": gen.document()[1]} for _ in range(1500)])  # ~4 MB, a few seconds
@@ -261,13 +262,17 @@ def test_killed_run_leaves_nothing_that_looks_finished(corpus, tmp_path):
         while not Path(f"{prefix}_text_document.bin.tmp").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # let some data reach the .bin
-        proc.send_signal(signal.SIGKILL)  # no chance to clean up: only the naming protects us
+        # SIGKILL gives no chance to clean up (only the .tmp naming protects us); SIGTERM, as sent
+        # by schedulers, should remove the partial files too.
+        proc.send_signal(sig)
     finally:
         proc.wait(timeout=30)
     if proc.returncode == 0:
         pytest.skip("run finished before it could be killed")
     names = leftovers(tmp_path, "out")
     assert not any(n.endswith((".bin", ".idx")) for n in names), names
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and names == []
     with pytest.raises(IndexedDatasetError):
         MMapIndexedDataset(f"{prefix}_text_document")
 
