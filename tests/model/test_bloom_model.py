@@ -220,19 +220,34 @@ def test_half_parameters_forward_backward_finite(dtype, impl):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_autocast_bf16_close_to_fp32(impl):
+def test_autocast_close_to_fp32(impl, dtype):
     torch.manual_seed(0)
     cfg = tiny_config(attention_impl=impl)
     model = BloomForCausalLM(cfg).train()
     ids, labels = _batch(cfg)
     ref = causal_lm_loss(model(ids), labels)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         loss = causal_lm_loss(model(ids), labels)
     loss.backward()
     assert torch.isfinite(loss)
-    # bf16 has 8 mantissa bits; the loss (~log 250) agrees to ~1e-2.
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # bf16 has 8 mantissa bits (fp16 11); the loss (~log 250 = 5.5) agrees to ~1e-2.
     torch.testing.assert_close(loss, ref, atol=2e-2, rtol=0)
+
+
+def test_meta_construction_then_to_empty_and_init_weights():
+    cfg = tiny_config()
+    with torch.device("meta"):
+        model = BloomForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = BloomForCausalLM(cfg)
+    for a, b in zip(model.transformer.h, reference.transformer.h):
+        assert torch.equal(a.self_attention.alibi_slopes, b.self_attention.alibi_slopes)
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert torch.isfinite(model(torch.randint(0, cfg.vocab_size, (1, 4)))).all()
 
 
 def test_loss_helper_mask_and_mean():

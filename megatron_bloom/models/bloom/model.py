@@ -78,13 +78,17 @@ class BloomAttention(nn.Module):
         slopes = alibi_slopes(self.total_heads, device=device)[start : start + count]
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
+    def reset_alibi_slopes(self) -> None:
+        """Recompute the slopes of the current head range (after ``to_empty`` from meta)."""
+        self.set_head_range(self.head_start, self.alibi_slopes.shape[0])
+
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would round the slopes; transformers keeps them in float32 and rounds
         # only slope * position, so keep float32 here and follow the device only.
         slopes = self._buffers["alibi_slopes"]
         out = super()._apply(fn, recurse)
         moved = self._buffers["alibi_slopes"]
-        if moved.dtype != slopes.dtype and slopes.device.type != "meta":
+        if moved.dtype != slopes.dtype:
             self._buffers["alibi_slopes"] = slopes.to(moved.device)
         return out
 
@@ -300,6 +304,8 @@ class BloomForCausalLM(nn.Module):
     def init_weights(self) -> None:
         """Megatron init: N(0, std) weights, output projections N(0, std / sqrt(2 L)), zero biases.
 
+        Also recomputes the (non-persistent) ALiBi slopes of each attention's head range.
+
         The scaled projections are those whose output is added to the residual stream, so its
         variance does not grow with depth. Padded embedding rows start (and, with no token and a
         masked logit, stay) at zero.
@@ -323,6 +329,10 @@ class BloomForCausalLM(nn.Module):
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            if isinstance(module, BloomAttention):
+                # Non-persistent buffers are not in checkpoints; re-derive them too, so that
+                # init_weights after to_empty() (meta-device construction) gives a usable model.
+                module.reset_alibi_slopes()
 
     def head(self, hidden_states: Tensor) -> Tensor:
         """Last pipeline stage: block output ``[b, s, h]`` -> logits ``[b, s, v]``."""
