@@ -86,6 +86,21 @@ class BloomEngine:
             mpu=None if self.is_pipeline else DeepSpeedMPU(state),
         )
         self.gradient_accumulation_steps = gradient_accumulation_steps(cfg)
+        t = cfg.training
+        if t.clip_grad > 0 and not (t.fp16 or t.bf16 or p.zero_stage > 0):
+            # Plain fp32 without ZeRO: DeepSpeed clips with the right norm (given our owner marks)
+            # but throws the norm away; keep it so it can be logged like the other paths'.
+            self.engine.clip_fp32_gradients = self._clip_fp32_gradients_and_record
+        self._skipped_before = 0
+
+    def _clip_fp32_gradients_and_record(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self.engine._global_grad_norm = clip_grad_norm_(
+            parameters=self.engine.module.parameters(),
+            max_norm=self.engine.gradient_clipping(),
+            mpu=self.engine.mpu,
+        )
 
     # ---------------------------------------------------------------------------------------------
 
@@ -141,7 +156,9 @@ class BloomEngine:
         norm = self.engine.get_global_grad_norm()
         if isinstance(norm, torch.Tensor):
             norm = norm.item()
-        skipped = bool(getattr(self.optimizer, "overflow", False)) and self.cfg.training.fp16
+        skipped_total = int(getattr(self.engine, "skipped_steps", 0))
+        skipped = skipped_total > self._skipped_before
+        self._skipped_before = skipped_total
         scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.training.fp16 else None
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped, loss_scale=scale)
 

@@ -62,3 +62,46 @@ def train(tp, pp, zero, steps, **kw):
         r = engine.train_step(batches if engine.reads_data else [])
         results.append((r.loss, r.grad_norm, r.skipped))
     return results
+
+
+def train_without_owner_marks(tp, pp, zero, steps, **kw):
+    """DeepSpeed's own grad-norm bookkeeping, for comparison with ours (see the engine notes)."""
+    import megatron_bloom.training.engine as engine_mod
+
+    engine_mod.mark_grad_norm_owners = lambda module, tp_rank: None
+    return train(tp, pp, zero, steps, **kw)
+
+
+def train_and_check_replicas(tp, pp, zero, steps, **kw):
+    """Train, then report whether tied embedding copies and TP-replicated parameters are bitwise equal."""
+    from megatron_bloom.training.engine import BloomEngine
+
+    cfg = tiny_config(tp, pp, zero, **kw)
+    validate_config(cfg, dist.get_world_size())
+    state = init_distributed(tp, pp, backend="gloo")
+    engine = BloomEngine(cfg, state)
+    t = cfg.training
+    results = []
+    for step in range(steps):
+        batches = micro_batches(step, t.global_batch_size, t.micro_batch_size, state.dims.dp, state.dp_rank)
+        r = engine.train_step(batches if engine.reads_data else [])
+        results.append((r.loss, r.grad_norm, r.skipped))
+
+    def all_equal(tensor, group, ranks):
+        parts = [torch.empty_like(tensor) for _ in ranks]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return all(torch.equal(p, parts[0]) for p in parts)
+
+    from megatron_bloom.models.bloom.pipeline import EmbeddingPipe
+
+    checks = {}
+    # Collective calls must match on every rank of a group: iterate in a fixed order everywhere.
+    if state.dims.pp > 1:
+        emb = [m for m in engine.module.modules() if isinstance(m, EmbeddingPipe)]
+        weight = emb[0].word_embeddings.weight.detach() if emb else None
+        if state.is_first_stage or state.is_last_stage:
+            checks["tied"] = all_equal(weight, state.embedding_group, state.embedding_ranks)
+    if state.dims.tp > 1:
+        replicated = [p.detach() for p in engine.module.parameters() if not getattr(p, "tp_sharded", False)]
+        checks["tp_replicas"] = all(all_equal(p, state.tp_group, state.tp_ranks) for p in replicated)
+    return results, checks
