@@ -27,7 +27,7 @@ class VocabParallelEmbedding(nn.Module):
         )
         rows = full.weight.detach()[self.vocab_start_index : self.vocab_end_index].clone()
         self.weight = nn.Parameter(rows)  # [V/tp, h]
-        self.weight.tensor_parallel_sharded = True
+        self.weight.tensor_model_parallel = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:

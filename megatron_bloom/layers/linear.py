@@ -42,8 +42,8 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(_shard(full.weight.detach(), 0, group))  # [out/tp, in]
         self.bias = nn.Parameter(_shard(full.bias.detach(), 0, group)) if full.bias is not None else None
         if self.bias is not None:
-            self.bias.tensor_parallel_sharded = True
-        self.weight.tensor_parallel_sharded = True
+            self.bias.tensor_model_parallel = True
+        self.weight.tensor_model_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tensor_parallel_region(x, self.group)
@@ -64,7 +64,7 @@ class RowParallelLinear(nn.Module):
         self.in_features = full.in_features
         self.out_features = full.out_features
         self.weight = nn.Parameter(_shard(full.weight.detach(), 1, group))  # [out, in/tp]
-        self.weight.tensor_parallel_sharded = True
+        self.weight.tensor_model_parallel = True
         self.bias: Optional[nn.Parameter] = (
             nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
         )

@@ -1,7 +1,7 @@
 """The 3D-parallel engine: BLOOM layers + our TP groups + DeepSpeed's pipeline engine and ZeRO.
 
-    PP > 1:  PipelineModule (1F1B schedule of DeepSpeed's PipelineEngine), ZeRO 0 or 1
-    PP == 1: BloomSequential under DeepSpeed's plain engine, ZeRO 0-3, our TP groups as its mpu
+    ZeRO 0/1 (any PP): PipelineModule under DeepSpeed's PipelineEngine (1F1B schedule)
+    ZeRO 2/3 (PP = 1): BloomSequential under DeepSpeed's plain engine, our TP groups as its mpu
 
 Both build the same layers from the same per-layer seeds, so every layout starts from, and
 (up to float summation order) follows, the same trajectory.
@@ -58,7 +58,10 @@ class BloomEngine:
         vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
         specs = bloom_layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
         loss_fn = LMLoss(state.tp_group if tp > 1 else None, vocab_start)
-        self.is_pipeline = pp > 1
+        # DeepSpeed's pipeline engine (even with one stage) whenever ZeRO allows it: its checkpoints
+        # have Megatron-DeepSpeed's BLOOM layout (layer_XX-model_YY-model_states.pt), so every
+        # layout saves the same parameter names. ZeRO-2/3 need the plain engine.
+        self.is_pipeline = pp > 1 or p.zero_stage <= 1
         if self.is_pipeline:
             from deepspeed.pipe import PipelineModule
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
