@@ -37,7 +37,7 @@ from megatron_bloom.data.indexed_dataset import (
     data_file_path,
     index_file_path,
 )
-from megatron_bloom.data.readers import CorpusReader, InputError, ParsedTask, check_records, parse_jsonl, read_range
+from megatron_bloom.data.readers import CorpusReader, InputError, check_records, parse_jsonl, read_range
 from megatron_bloom.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -72,27 +72,6 @@ def _init_worker(state: dict) -> None:
         _STATE = state
 
 
-def _encode(texts: list[str], units: list[int], task: ParsedTask, skip_bad: bool):
-    """encode_batch, falling back to one text at a time only to name a text the tokenizer rejects."""
-    tok, dtype, eod = _STATE["tokenizer"], _STATE["dtype"], _STATE["append_eod"]
-    try:
-        return tok.encode_batch_numpy(texts, dtype=dtype, append_eod=eod)
-    except Exception:
-        pass  # find the offending text below; a genuine bug re-raises from the last call
-    keep = []
-    for i, text in enumerate(texts):
-        try:
-            tok.encode_batch_numpy([text], dtype=dtype)
-            keep.append(i)
-        except Exception as e:  # e.g. lone surrogates from a "\ud800" escape
-            reason = f"text cannot be tokenized ({type(e).__name__}: {e})"
-            if not skip_bad:
-                task.fatal = (units[i], reason)
-                return None
-            task.bad.append((units[i], reason))
-    return tok.encode_batch_numpy([texts[i] for i in keep], dtype=dtype, append_eod=eod)
-
-
 def _work(task: tuple):
     """One task -> (tokens and lengths per key, units covered, bytes covered, bad units, fatal)."""
     keys, skip_bad, batch = _STATE["keys"], _STATE["skip_bad"], _STATE["batch_size"]
@@ -103,19 +82,15 @@ def _work(task: tuple):
         parsed = parse_jsonl(task[1], keys, skip_bad)
     else:
         parsed = check_records(task[1], keys, skip_bad)
+    tok, dtype, eod = _STATE["tokenizer"], _STATE["dtype"], _STATE["append_eod"]
     out = {}
     if parsed.fatal is None:
+        # Texts were validated while parsing (strings, valid Unicode), so every key keeps the same
+        # documents and a tokenizer exception here is a real bug, left to surface as one.
         for key in keys:
-            texts, units = parsed.columns[key], parsed.units
-            parts = []
-            for s in range(0, len(texts), batch):
-                encoded = _encode(texts[s : s + batch], units[s : s + batch], parsed, skip_bad)
-                if encoded is None:
-                    break
-                parts.append(encoded)
-            if parsed.fatal is not None:
-                break
-            flat = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, _STATE["dtype"])
+            texts = parsed.columns[key]
+            parts = [tok.encode_batch_numpy(texts[s : s + batch], dtype=dtype, append_eod=eod) for s in range(0, len(texts), batch)]
+            flat = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype)
             lengths = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
             out[key] = (flat, lengths)
     return out, parsed.n_units, parsed.n_bytes, parsed.bad, parsed.fatal

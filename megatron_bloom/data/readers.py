@@ -88,16 +88,29 @@ def gzip_line_blocks(path: str, chunk_bytes: int) -> Iterator[bytes]:
             yield b"".join(lines)
 
 
+def _text_problem(key, value) -> str | None:
+    if value is None:
+        return f"key {key!r} is null"
+    if not isinstance(value, str):
+        return f"key {key!r} is a {type(value).__name__}, expected a string"
+    try:
+        # JSON escapes such as "\ud800" decode to lone surrogates, which no tokenizer accepts;
+        # catching them here names the line instead of failing a whole batch later.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"key {key!r} contains a lone surrogate (an unpaired \\uD800-\\uDFFF escape), not valid Unicode"
+    return None
+
+
 def _check_record(obj, keys) -> str | None:
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     for key in keys:
-        value = obj.get(key)
-        if value is None:
-            why = "is null" if key in obj else f"is missing (keys: {', '.join(map(str, obj)) or 'none'})"
-            return f"key {key!r} {why}"
-        if not isinstance(value, str):
-            return f"key {key!r} is a {type(value).__name__}, expected a string"
+        if key not in obj:
+            return f"key {key!r} is missing (keys: {', '.join(map(str, obj)) or 'none'})"
+        problem = _text_problem(key, obj[key])
+        if problem:
+            return problem
     return None
 
 
@@ -137,9 +150,8 @@ def check_records(columns: dict[str, list], keys: list[str], skip_bad: bool) -> 
     for i in range(n_rows):
         reason = None
         for key in keys:
-            value = columns[key][i]
-            if not isinstance(value, str):
-                reason = f"key {key!r} is {'null' if value is None else 'a ' + type(value).__name__}, expected a string"
+            reason = _text_problem(key, columns[key][i])
+            if reason:
                 break
         if reason is not None:
             if not skip_bad:

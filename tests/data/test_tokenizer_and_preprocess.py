@@ -201,6 +201,7 @@ def test_skip_bad_lines_counts_and_keeps_the_rest(corpus, tokenizer, tmp_path):
     lines[3] = b"not json at all"
     lines[10] = b'{"text": "caf\xe9"}'  # latin-1 byte, invalid UTF-8
     lines[20] = b'{"text": 42}'
+    lines[25] = b'{"text": "lone \\ud800 surrogate"}'
     lines.insert(5, b"")  # blank lines are ignored, not bad
     source = tmp_path / "bad.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
@@ -209,10 +210,19 @@ def test_skip_bad_lines_counts_and_keeps_the_rest(corpus, tokenizer, tmp_path):
         "--tokenizer-name-or-path", corpus["tok"], "--skip-bad-lines", "--workers", 2, "--chunk-mb", "0.01",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "skipped 3 bad lines" in result.stderr and f"{source}:4:" in result.stderr
+    assert "skipped 4 bad lines" in result.stderr and f"{source}:4:" in result.stderr
     ds = MMapIndexedDataset(str(tmp_path / "out_text_document"))
-    kept = [r["text"] for i, r in enumerate(corpus["records"][:30]) if i not in (3, 10, 20)]
+    kept = [r["text"] for i, r in enumerate(corpus["records"][:30]) if i not in (3, 10, 20, 25)]
     assert [ds[i].tolist() for i in range(len(ds))] == [tokenizer.encode(t) for t in kept]
+
+
+def test_lone_surrogate_names_the_line(corpus, tmp_path):
+    lines = _lines(corpus, 5)
+    lines[1] = b'{"text": "bad \\udc00 escape"}'
+    source = tmp_path / "surrogate.jsonl"
+    source.write_bytes(b"\n".join(lines))
+    result = run_tool("preprocess_data", "--input", source, "--output-prefix", tmp_path / "out", "--tokenizer-name-or-path", corpus["tok"])
+    assert_clean_error(result, f"{source}:2:", "lone surrogate")
 
 
 def test_missing_key_fails_before_work(corpus, tmp_path):
