@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -82,7 +83,10 @@ def gzip_line_blocks(path: str, chunk_bytes: int) -> Iterator[bytes]:
     """Decompressed blocks of whole lines, about `chunk_bytes` each."""
     with gzip.open(path, "rb") as f:
         while True:
-            lines = f.readlines(chunk_bytes)
+            try:
+                lines = f.readlines(chunk_bytes)
+            except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt archive
+                raise InputError(f"{path}: gzip data is corrupt or truncated ({e}); re-create the archive") from None
             if not lines:
                 return
             yield b"".join(lines)

@@ -115,6 +115,11 @@ class Tokenizer:
         return cls(tokenizers.Tokenizer.from_str(serialized), special_tokens, name_or_path)
 
 
+def _one_line(e: Exception) -> str:
+    # Library errors often span lines; the CLI contract is one `error: ...` line.
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def _token_content(value) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(value, dict):
@@ -132,7 +137,7 @@ def _read_special_tokens(folder: str) -> dict[str, str]:
             with open(path, encoding="utf-8") as f:
                 config = json.load(f)
         except (OSError, ValueError) as e:
-            raise TokenizerLoadError(f"{path}: cannot read ({e}); fix or delete the file") from None
+            raise TokenizerLoadError(f"{path}: cannot read ({_one_line(e)}); fix or delete the file") from None
         for role in DEFAULT_SPECIAL_TOKENS:
             token = _token_content(config.get(role))
             if token is not None:
@@ -155,7 +160,7 @@ def _from_tokenizer_json(json_path: str, folder: str | None, name_or_path: str) 
     try:
         backend = tokenizers.Tokenizer.from_file(json_path)
     except Exception as e:  # the Rust side raises a bare Exception on malformed files
-        raise TokenizerLoadError(f"{json_path}: not a valid tokenizer.json ({e}); re-create it with data_tools/train_tokenizer.py") from None
+        raise TokenizerLoadError(f"{json_path}: not a valid tokenizer.json ({_one_line(e)}); re-create it with data_tools/train_tokenizer.py") from None
     configured = _read_special_tokens(folder) if folder else {}
     return Tokenizer(backend, _special_tokens_for(backend, configured), name_or_path)
 
@@ -167,7 +172,7 @@ def _from_transformers(name_or_path: str, **kwargs) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
-        raise TokenizerLoadError(f"{name_or_path}: transformers could not load a tokenizer ({type(e).__name__}: {e})") from None
+        raise TokenizerLoadError(f"{name_or_path}: transformers could not load a tokenizer ({_one_line(e)})") from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerLoadError(f"{name_or_path}: only a slow (Python) tokenizer is available; save a fast one with tokenizer.json")
