@@ -15,6 +15,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.checkpoint.universal import universal_checkpoint_info
+from megatron_bloom.cli import UserError
 from megatron_bloom.config.schema import RunConfig
 from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState
@@ -45,7 +47,7 @@ class StepResult:
 
 
 class BloomEngine:
-    def __init__(self, cfg: RunConfig, state: ParallelState):
+    def __init__(self, cfg: RunConfig, state: ParallelState, load_universal: bool = False):
         import deepspeed
 
         self.cfg, self.state = cfg, state
@@ -79,9 +81,13 @@ class BloomEngine:
         else:
             module = BloomSequential(specs, loss_fn, cfg.training.seed)
         mark_grad_norm_owners(module, state.tp_rank)
+        # Saved with every checkpoint: how TP shards merge when the layout changes on resume.
+        module.universal_checkpoint_info = universal_checkpoint_info(m)
         self.module = module
         optimizer = build_optimizer(module, cfg.training)
         self.ds_config = build_deepspeed_config(cfg)
+        # Fixed at initialize time in DeepSpeed: decided before the engine exists.
+        self.ds_config["checkpoint"]["load_universal"] = load_universal
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -181,6 +187,14 @@ class BloomEngine:
             dist.all_reduce(total, group=self.state.dp_group)
             total /= self.state.dims.dp
         return total.item()
+
+    def load(self, directory: str, tag: str) -> None:
+        """Weights and optimizer state from ``directory/tag`` (a universal checkpoint if so built)."""
+        path, _ = self.engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise UserError(f"DeepSpeed found no checkpoint files for this rank in {directory}/{tag}")
 
     @property
     def reads_data(self) -> bool:

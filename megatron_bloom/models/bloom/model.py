@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.models.bloom.alibi import AlibiMask, alibi_slopes, make_alibi_mask
+from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
 
 KVCache = List[Tuple[Tensor, Tensor]]
 """Per layer (key, value), each ``[b, np, sk, hn]``."""
@@ -301,34 +302,26 @@ class BloomForCausalLM(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Megatron init: N(0, std) weights, output projections N(0, std / sqrt(2 L)), zero biases.
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Megatron init (see ``init.py``) and the ALiBi slopes of each attention's head range.
 
-        Also recomputes the (non-persistent) ALiBi slopes of each attention's head range.
-
-        The scaled projections are those whose output is added to the residual stream, so its
-        variance does not grow with depth. Padded embedding rows start (and, with no token and a
-        masked logit, stay) at zero.
+        With ``seed``, each piece is drawn after seeding with ``seed + layer index`` exactly as the
+        pipeline engine builds its layers (``pipeline.py``: embedding 0, its LayerNorm 1, block i
+        at 2 + i, ln_f at L + 2), so this model equals the engine's at any layout. Without it, the
+        pieces are drawn in order from the current RNG state.
         """
         cfg = self.config
-        std = cfg.init_method_std
-        out_std = std / math.sqrt(2.0 * cfg.num_layers)
-        emb = self.transformer.word_embeddings
-        nn.init.normal_(emb.weight, 0.0, std)
-        emb.weight[cfg.vocab_size :].zero_()
-        for block in self.transformer.h:
-            for linear, s in (
-                (block.self_attention.query_key_value, std),
-                (block.self_attention.dense, out_std),
-                (block.mlp.dense_h_to_4h, std),
-                (block.mlp.dense_4h_to_h, out_std),
-            ):
-                nn.init.normal_(linear.weight, 0.0, s)
-                nn.init.zeros_(linear.bias)
+        t = self.transformer
+        if seed is not None:
+            seed_layer(seed)
+        init_embedding_(t.word_embeddings, cfg)
+        init_layernorm_(t.word_embeddings_layernorm)
+        for i, block in enumerate(t.h):
+            if seed is not None:
+                seed_layer(seed + 2 + i)
+            init_block_(block, cfg)
+        init_layernorm_(t.ln_f)
         for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
             if isinstance(module, BloomAttention):
                 # Non-persistent buffers are not in checkpoints; re-derive them too, so that
                 # init_weights after to_empty() (meta-device construction) gives a usable model.

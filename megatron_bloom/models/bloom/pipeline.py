@@ -30,7 +30,7 @@ from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
-from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
+from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
 from megatron_bloom.models.bloom.model import BloomBlock, TiedLMHead
 from megatron_bloom.models.bloom.parallelize import ParallelLMHead, parallel_lm_loss, shard_block_
 
@@ -147,18 +147,6 @@ def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group 
         LayerSpec(FinalLayerNormPipe, cfg),
         embed(forward_fn=lm_head_forward),
     ]
-
-
-def seed_layer(seed: int) -> None:
-    """What DeepSpeed's ``seed_layers`` does before building layer ``idx`` (seed = base + idx)."""
-    import random
-
-    import numpy as np
-
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class BloomSequential(nn.Module):

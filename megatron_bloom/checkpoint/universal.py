@@ -1,0 +1,73 @@
+"""Changing layout on resume through DeepSpeed's universal checkpoints.
+
+A checkpoint saved at one (TP, PP, DP) is converted once (``ds_to_universal``) into one file per
+parameter holding the whole, unsharded fp32 weight and its Adam moments; any layout can then load
+it. How a parameter's TP shards merge is told by regex patterns over the pipeline's parameter
+names, published with every save (``universal_checkpoint_info`` on the module):
+
+    column-parallel (query_key_value, dense_h_to_4h, their biases)  concatenated on dim 0 (default)
+    row-parallel    (self_attention.dense, dense_4h_to_h weights)   concatenated on dim 1
+    replicated      (LayerNorms, row-parallel biases)               one copy taken, copies must match
+    vocabulary      (word_embeddings.weight)                        concatenated, then padding rows
+                                                                    stripped to ``original_vocab_size``
+    pipeline copy   (the tied embedding on the last stage)          dropped; the first stage's kept
+
+query_key_value rows are stored per head ([heads, 3, head_dim]), so concatenating TP shards on dim 0
+restores the exact single-device layout; no sub-parameter handling is needed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any, Dict
+
+from megatron_bloom.config.schema import ModelConfig
+
+TP_REPLICATED = [
+    r".*word_embeddings_layernorm\.(weight|bias)$",
+    r".*input_layernorm\.(weight|bias)$",
+    r".*post_attention_layernorm\.(weight|bias)$",
+    r".*ln_f\.(weight|bias)$",
+    r".*self_attention\.dense\.bias$",
+    r".*mlp\.dense_4h_to_h\.bias$",
+]
+ROW_PARALLEL = [r".*self_attention\.dense\.weight$", r".*mlp\.dense_4h_to_h\.weight$"]
+VOCABULARY = [r".*word_embeddings\.weight$"]
+
+
+def universal_checkpoint_info(cfg: ModelConfig) -> Dict[str, Any]:
+    return {
+        "universal_checkpoint_version": 0.2,
+        "tp_replicated_parameter_patterns": TP_REPLICATED,
+        "parameter_with_row_parallelism_patterns": ROW_PARALLEL,
+        "vocabulary_parameter_patterns": VOCABULARY,
+        "pipeline_replicated_parameter_patterns": VOCABULARY,
+        "original_vocab_size": cfg.vocab_size,
+        "parameter_to_average_patterns": [],
+    }
+
+
+def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, workers: int = 1) -> None:
+    """Run DeepSpeed's converter on ``checkpoint_dir/tag`` into ``output_dir/tag`` (one process).
+
+    Written under a temporary name and renamed when complete, so a conversion killed halfway is
+    redone rather than half-loaded.
+    """
+    final = os.path.join(output_dir, tag)
+    if os.path.isdir(final):
+        return
+    tmp = final + ".converting"
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", os.path.join(checkpoint_dir, tag),
+        "--output_folder", tmp,
+        "--num_extract_workers", str(workers),
+        "--num_merge_workers", str(workers),
+    ]
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"converting {checkpoint_dir}/{tag} to a universal checkpoint failed: " + " | ".join(tail))
+    os.replace(tmp, final)
