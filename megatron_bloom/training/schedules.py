@@ -179,6 +179,10 @@ class ConstantBatchSize:
         """Micro-batches per step on each data-parallel rank (the gradient accumulation steps)."""
         return self.global_batch_size(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
 
+    def iterations_for_samples(self, train_samples: int) -> int:
+        """Optimizer steps a run of ``train_samples`` takes (see ``train_iters_for_samples``)."""
+        return train_iters_for_samples(self, train_samples)
+
 
 class BatchSizeRampup(ConstantBatchSize):
     """Megatron's ``--rampup-batch-size START INCREMENT RAMP_SAMPLES``.

@@ -173,7 +173,7 @@ def megatron_update_train_iters(gbs, ramp, global_bs, train_samples):
 
 def test_train_iters_for_samples_small():
     r = BatchSizeRampup(16, 16, 1000, 64, 2, 2)
-    assert train_iters_for_samples(r, 2000) == 39 + (2000 - 1024) // 64 == 54
+    assert train_iters_for_samples(r, 2000) == r.iterations_for_samples(2000) == 39 + (2000 - 1024) // 64 == 54
     for t in (0, 15, 16, 500, 1023, 1024, 1087, 1088, 2000, 12345):
         assert train_iters_for_samples(r, t) == brute_force_iters(r.global_batch_size, t), t
     for t in (1024, 2000, 12345):  # once the ramp fits, exactly Megatron's accounting
