@@ -1,0 +1,272 @@
+"""transformers BLOOM folders: read any local one, write one that ``from_pretrained`` loads.
+
+Reading takes ``config.json`` plus ``model.safetensors`` or ``pytorch_model.bin``, single or
+sharded with ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``, in fp32, fp16 or
+bf16 (kept as stored). Keys may carry the ``transformer.`` prefix (``BloomForCausalLM`` saves) or
+not (``BloomModel`` saves, e.g. the original bigscience/bloom upload); ``lm_head.weight`` may be
+absent (tied) or present and equal to the embedding. Untrusted files are only ever opened with
+safetensors or ``torch.load(weights_only=True)``.
+
+Padded vocabulary on export: a folder gets exactly ``vocab_size`` embedding rows, i.e. the rows
+the source checkpoint (or tokenizer) has. Rows added only so the embedding divides by
+``make_vocab_size_divisible_by * TP`` exist in native checkpoints and in the training engine,
+never in an exported folder: they are dropped. Rows that are part of the real vocabulary stay,
+so BLOOM's own 250,880-row embedding (250,680 tokenizer tokens, padded by Megatron at training
+time and released that way) is exported with 250,880 rows, as transformers' config says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
+from megatron_bloom.cli import UserError
+from megatron_bloom.config.schema import ModelConfig
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PT_BIN = "pytorch_model.bin"
+PT_BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+"""transformers' default shard size (5 GB); BLOOM-176B in bf16 is ~70 shards of it."""
+
+_TOKENIZER_SKIP = {"config.json", "generation_config.json", SAFETENSORS_INDEX, PT_BIN_INDEX}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return value
+
+
+def _first(values: Dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if values.get(name) is not None:
+            return values[name]
+    return default
+
+
+def model_config_from_hf(values: Dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """ModelConfig from a BloomConfig dict (current and older key names)."""
+    model_type = values.get("model_type", "bloom")
+    if model_type != "bloom":
+        raise UserError(f"{where}: model_type is '{model_type}', not 'bloom'")
+    try:
+        cfg = ModelConfig(
+            num_layers=int(_first(values, "n_layer", "num_hidden_layers", "num_layers", default=2)),
+            hidden_size=int(_first(values, "hidden_size", "n_embed", default=64)),
+            num_attention_heads=int(_first(values, "n_head", "num_attention_heads", default=8)),
+            vocab_size=int(_first(values, "vocab_size", default=250880)),
+            layer_norm_epsilon=float(_first(values, "layer_norm_epsilon", default=1e-5)),
+            init_method_std=float(_first(values, "initializer_range", default=0.02)),
+            hidden_dropout=float(_first(values, "hidden_dropout", default=0.0)),
+            attention_dropout=float(_first(values, "attention_dropout", default=0.0)),
+            apply_residual_connection_post_layernorm=bool(
+                values.get("apply_residual_connection_post_layernorm", False)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: bad value ({exc})") from None
+    if "seq_length" in values and values["seq_length"]:
+        cfg.seq_length = int(values["seq_length"])
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise UserError(f"{where}: hidden_size={cfg.hidden_size} is not divisible by n_head={cfg.num_attention_heads}")
+    return cfg
+
+
+def special_tokens_from_hf(values: Dict[str, Any]) -> Dict[str, Optional[int]]:
+    return {k: values.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
+
+
+# ---- reading weights ---------------------------------------------------------------------------
+
+
+def _load_safetensors(path: str) -> StateDict:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is not a valid safetensors file, probably truncated or corrupt ({first})") from None
+
+
+def _load_bin(path: str) -> StateDict:
+    sd = safe_load(path)
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return sd
+
+
+def weight_files(folder: str) -> List[str]:
+    """The weight files of a transformers folder, safetensors preferred; index shards checked."""
+    for index_name, single, in ((SAFETENSORS_INDEX, SAFETENSORS), (PT_BIN_INDEX, PT_BIN)):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index} has no weight_map")
+            files = []
+            for shard in dict.fromkeys(weight_map.values()):
+                path = os.path.join(folder, shard)
+                if not os.path.isfile(path):
+                    raise UserError(f"{index} lists shard {shard}, which is missing from {folder}")
+                files.append(path)
+            return files
+        if os.path.isfile(os.path.join(folder, single)):
+            return [os.path.join(folder, single)]
+    raise UserError(f"{folder} has no {SAFETENSORS}, {PT_BIN} or index of shards")
+
+
+def _normalize_key(key: str) -> str:
+    return key if key.startswith("transformer.") or key.startswith("lm_head.") else "transformer." + key
+
+
+def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
+    """(ModelConfig, full state dict with our keys and real vocabulary rows) of a transformers folder."""
+    if not os.path.isdir(folder):
+        raise UserError(f"transformers folder {folder} does not exist")
+    config_path = os.path.join(folder, "config.json")
+    values = _read_json(config_path)
+    cfg = model_config_from_hf(values, config_path)
+    sd: StateDict = {}
+    sources: Dict[str, str] = {}
+    for path in weight_files(folder):
+        part = _load_safetensors(path) if path.endswith(".safetensors") else _load_bin(path)
+        for key, tensor in part.items():
+            if not isinstance(tensor, Tensor):
+                continue
+            key = _normalize_key(key)
+            if key in sd:
+                raise UserError(f"{path}: tensor '{key}' also appears in {sources[key]}")
+            sd[key], sources[key] = tensor, path
+    head = sd.pop("lm_head.weight", None)
+    if head is not None:
+        emb = sd.get("transformer.word_embeddings.weight")
+        if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
+            raise UserError(f"{sources['lm_head.weight']}: lm_head.weight differs from the word embeddings; "
+                            f"only tied BLOOM heads are supported")
+    check_state_dict(sd, cfg, sources)
+    return cfg, sd
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def copy_tokenizer_files(src: str, dst: str) -> List[str]:
+    """Copy a tokenizer folder's files (not weights or model configs) into ``dst``; returns names."""
+    if not os.path.isdir(src):
+        raise UserError(f"tokenizer folder {src} does not exist")
+    names = [n for n in sorted(os.listdir(src))
+             if os.path.isfile(os.path.join(src, n)) and n not in _TOKENIZER_SKIP
+             and not n.endswith((".safetensors", ".bin", ".pt"))]
+    if not any(n.startswith("tokenizer") or n in ("vocab.json", "spiece.model") for n in names):
+        raise UserError(f"{src} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
+    return names
+
+
+def _shards(sd: StateDict, max_bytes: int) -> List[List[str]]:
+    """Keys grouped in file order into shards of at most ``max_bytes`` (a bigger tensor alone)."""
+    groups: List[List[str]] = [[]]
+    size = 0
+    for key in sd:
+        nbytes = sd[key].numel() * sd[key].element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
+def write_hf_checkpoint(
+    state_dict: StateDict,
+    model_cfg: ModelConfig,
+    out_dir: str,
+    dtype: Union[None, str, torch.dtype] = None,
+    tokenizer_dir: Optional[str] = None,
+    special_tokens: Optional[Dict[str, Optional[int]]] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> str:
+    """Write a transformers BLOOM folder (safetensors, sharded above ``max_shard_bytes``).
+
+    ``state_dict`` is a full state dict with exactly ``vocab_size`` embedding rows (see the module
+    docstring); ``dtype`` casts (None keeps the stored dtype, recorded as ``dtype`` in config.json).
+    """
+    from safetensors.torch import save_file
+    from transformers import BloomConfig
+
+    check_state_dict(state_dict, model_cfg, "the given state dict")
+    if model_cfg.ffn_size != 4 * model_cfg.hidden_size:
+        raise UserError(f"transformers' BLOOM has ffn size 4*hidden_size; this model has {model_cfg.ffn_size}")
+    cast = parse_dtype(dtype)
+    ordered = {k: (v.to(cast) if cast is not None else v).contiguous() for k, v in sorted(state_dict.items())}
+    dtypes = {v.dtype for v in ordered.values()}
+    stored = cast or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    if stored not in _DTYPE_NAMES:
+        raise UserError(f"cannot export tensors of dtype {stored}; pass --dtype fp32, fp16 or bf16")
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in (SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+
+    groups = _shards(ordered, max_shard_bytes)
+    weight_map = {}
+    for i, keys in enumerate(groups, 1):
+        name = SAFETENSORS if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        # safetensors refuses tensors that share storage: every tensor is cloned into its own.
+        save_file({k: ordered[k].clone() for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    if len(groups) > 1:
+        total = sum(v.numel() * v.element_size() for v in ordered.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as fh:
+            json.dump(index, fh, indent=2, sort_keys=True)
+
+    tokens = {"bos": 1, "eos": 2, "pad": 3}  # BLOOM's tokenizer: <unk>=0 <s>=1 </s>=2 <pad>=3
+    tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+    hf_config = BloomConfig(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        n_layer=model_cfg.num_layers,
+        n_head=model_cfg.num_attention_heads,
+        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
+        initializer_range=model_cfg.init_method_std,
+        apply_residual_connection_post_layernorm=model_cfg.apply_residual_connection_post_layernorm,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+        bos_token_id=tokens["bos"],
+        eos_token_id=tokens["eos"],
+        pad_token_id=tokens["pad"],
+        architectures=["BloomForCausalLM"],
+        tie_word_embeddings=True,
+    )
+    # transformers >= 5 reads "dtype", older versions "torch_dtype".
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    setattr(hf_config, "dtype" if major >= 5 else "torch_dtype", _DTYPE_NAMES[stored])
+    hf_config.save_pretrained(out_dir)
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+    return out_dir

@@ -1,0 +1,196 @@
+"""Original Megatron-DeepSpeed BLOOM checkpoints (bigscience's BLOOM/BLOOMZ optimizer-state repos).
+
+Layout, one file per pipeline layer and TP rank in ``global_stepN/``::
+
+    layer_01-model_YY-model_states.pt       EmbeddingPipe: word_embeddings.weight (vocab-parallel rows),
+                                            word_embeddings.norm.weight/bias (the embedding LayerNorm)
+    layer_03 .. layer_{L+2}                 block i = file layer i + 3 (BLOOM's ParallelTransformerLayer
+                                            keys, the same as transformers' block keys)
+    layer_{L+4}-model_YY-model_states.pt    the final LayerNorm: keys weight / bias
+    mp_rank_XX_model_states.pt              Megatron's args (argparse.Namespace) and iteration
+
+Layers 00 (fp16/bf16 cast), 02 and L+3 (transposes) are functions and have no file; the tied
+LM head (last) has none either. The files are told apart by their keys, not by their numbers: the
+one with ``word_embeddings.weight`` is the embedding, those with ``input_layernorm.weight`` are the
+blocks (in file order, which must be consecutive), the one holding only ``weight``/``bias`` is the
+final LayerNorm.
+
+TP merge: column-parallel tensors (query_key_value, dense_h_to_4h, vocabulary rows) concatenate on
+dim 0, row-parallel weights (self_attention.dense, dense_4h_to_h) on dim 1. Replicated tensors
+(LayerNorms, row-parallel biases) are AVERAGED over the TP ranks, in float32 and then cast back:
+in BLOOM-176B's bf16 training the copies of these tensors drifted slightly apart between TP ranks,
+and the released transformers weights were made by averaging them (transformers' conversion
+script). Rank 0's copy alone would be an equally valid but different model; when the copies are
+identical the average is exactly that copy.
+
+The attention head count is not in any tensor shape: it comes from ``num_attention_heads`` in the
+args of ``mp_rank_00_model_states.pt`` (read with ``torch.load(weights_only=True)`` allowing only
+``argparse.Namespace``), or from the caller when those args cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict, safe_load
+from megatron_bloom.cli import UserError
+from megatron_bloom.config.schema import ModelConfig
+
+LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+EMBEDDING_KEYS = {
+    "word_embeddings.weight": "transformer.word_embeddings.weight",
+    "word_embeddings.norm.weight": "transformer.word_embeddings_layernorm.weight",
+    "word_embeddings.norm.bias": "transformer.word_embeddings_layernorm.bias",
+}
+FINAL_NORM_KEYS = {"weight": "transformer.ln_f.weight", "bias": "transformer.ln_f.bias"}
+
+
+def resolve_tag_dir(path: str) -> str:
+    """The ``global_stepN`` folder: ``path`` itself, the tag ``latest`` names, or the newest one."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint directory {path} does not exist")
+    if any(LAYER_RE.match(n) for n in os.listdir(path)):
+        return path
+    for marker in ("latest", "latest_checkpointed_iteration.txt"):
+        f = os.path.join(path, marker)
+        if os.path.isfile(f):
+            tag = open(f).read().strip()
+            if marker.endswith(".txt") and tag.isdigit():
+                tag = f"global_step{tag}"
+            if os.path.isdir(os.path.join(path, tag)):
+                return os.path.join(path, tag)
+            raise UserError(f"{f} names '{tag}' but {os.path.join(path, tag)} does not exist")
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(path) if (m := re.match(r"^global_step(\d+)$", n)))
+    if not steps:
+        raise UserError(f"{path} has no layer_XX-model_YY-model_states.pt files, 'latest' or global_stepN folder")
+    return os.path.join(path, steps[-1][1])
+
+
+def read_megatron_args(tag_dir: str) -> Dict[str, Any]:
+    """Megatron's args and iteration from ``mp_rank_00_model_states.pt`` ({} when unreadable)."""
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - args with other types: the caller gives the numbers instead
+        return {}
+    args = state.get("args") if isinstance(state, dict) else None
+    out = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    if isinstance(state, dict) and "iteration" in state:
+        out.setdefault("iteration", state["iteration"])
+    return out
+
+
+def _layer_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
+    files: Dict[int, Dict[int, str]] = {}
+    for name in os.listdir(tag_dir):
+        m = LAYER_RE.match(name)
+        if m:
+            files.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(tag_dir, name)
+    if not files:
+        raise UserError(f"{tag_dir} has no layer_XX-model_YY-model_states.pt files")
+    tp = max(len(ranks) for ranks in files.values())
+    for idx, ranks in sorted(files.items()):
+        for r in range(tp):
+            if r not in ranks:
+                raise UserError(f"{os.path.join(tag_dir, f'layer_{idx:02d}-model_{r:02d}-model_states.pt')} is missing "
+                                f"(the other layers have {tp} TP ranks)")
+    return files
+
+
+def _merge(shards: List[StateDict], key: str, where: str) -> Tensor:
+    dim = SPLIT_DIM.get(key)  # None for LayerNorms (incl. word_embeddings.norm.*) and row-parallel biases
+    for r, s in enumerate(shards):
+        if key not in s or not isinstance(s[key], Tensor):
+            raise UserError(f"{where}: TP rank {r} has no tensor '{key}'")
+    if len(shards) == 1:
+        return shards[0][key]
+    if dim is not None:
+        return torch.cat([s[key] for s in shards], dim=dim)
+    # Replicated: average in float32 (see the module docstring), back to the stored dtype.
+    stacked = torch.stack([s[key].float() for s in shards])
+    return stacked.mean(0).to(shards[0][key].dtype)
+
+
+def read_megatron_deepspeed_checkpoint(
+    path: str,
+    num_attention_heads: Optional[int] = None,
+    layer_norm_epsilon: Optional[float] = None,
+) -> Tuple[ModelConfig, StateDict, Dict[str, Any]]:
+    """(ModelConfig, full state dict with our keys, Megatron args) of an original BLOOM checkpoint.
+
+    The vocabulary keeps every embedding row of the checkpoint (BLOOM: 250,880).
+    ``num_attention_heads`` / ``layer_norm_epsilon`` override (or replace unreadable) args.
+    """
+    tag_dir = resolve_tag_dir(path)
+    files = _layer_files(tag_dir)
+    tp = len(next(iter(files.values())))
+    shards = {idx: [safe_load(ranks[r]) for r in range(tp)] for idx, ranks in files.items()}
+    for idx, parts in shards.items():
+        for r, sd in enumerate(parts):
+            if not isinstance(sd, dict):
+                raise UserError(f"{files[idx][r]} does not hold a state dict")
+
+    embed = [i for i, p in shards.items() if "word_embeddings.weight" in p[0]]
+    blocks = sorted(i for i, p in shards.items() if "input_layernorm.weight" in p[0])
+    final = [i for i, p in shards.items() if set(p[0]) == {"weight", "bias"}]
+    other = sorted(set(shards) - set(embed) - set(blocks) - set(final))
+    if len(embed) != 1 or len(final) != 1 or not blocks or other:
+        raise UserError(f"{tag_dir}: expected one embedding file, consecutive block files and one final LayerNorm "
+                        f"file; found embedding layers {embed}, blocks {blocks}, final norm {final}, unknown {other}")
+    if blocks != list(range(blocks[0], blocks[0] + len(blocks))) or not embed[0] < blocks[0] < final[0]:
+        raise UserError(f"{tag_dir}: block layer files {blocks} are not consecutive between the embedding "
+                        f"(layer {embed[0]}) and the final LayerNorm (layer {final[0]})")
+
+    sd: StateDict = {}
+    sources: Dict[str, str] = {}
+    emb_parts = shards[embed[0]]
+    if "position_embeddings.weight" in emb_parts[0]:
+        raise UserError(f"{files[embed[0]][0]} has position embeddings: not a BLOOM (ALiBi) checkpoint")
+    for key, ours in EMBEDDING_KEYS.items():
+        sd[ours] = _merge(emb_parts, key, files[embed[0]][0])
+        sources[ours] = files[embed[0]][0]
+    for i, idx in enumerate(blocks):
+        extra = set(shards[idx][0]) - set(BLOCK_KEYS)
+        if extra:
+            raise UserError(f"{files[idx][0]}: unexpected tensor '{sorted(extra)[0]}' in a BLOOM block")
+        for key in BLOCK_KEYS:
+            sd[f"transformer.h.{i}.{key}"] = _merge(shards[idx], key, files[idx][0])
+            sources[f"transformer.h.{i}.{key}"] = files[idx][0]
+    for key, ours in FINAL_NORM_KEYS.items():
+        sd[ours] = _merge(shards[final[0]], key, files[final[0]][0])
+        sources[ours] = files[final[0]][0]
+
+    args = read_megatron_args(tag_dir)
+    heads = num_attention_heads or args.get("num_attention_heads")
+    if not heads:
+        raise UserError(f"{tag_dir}: the head count is not readable from mp_rank_00_model_states.pt; "
+                        f"pass --num-attention-heads")
+    emb = sd["transformer.word_embeddings.weight"]
+    qkv = sd["transformer.h.0.self_attention.query_key_value.weight"]
+    h = emb.shape[1]
+    cfg = ModelConfig(
+        num_layers=len(blocks),
+        hidden_size=h,
+        num_attention_heads=int(heads),
+        vocab_size=emb.shape[0],
+        ffn_hidden_size=sd["transformer.h.0.mlp.dense_h_to_4h.weight"].shape[0],
+        layer_norm_epsilon=float(layer_norm_epsilon or args.get("layernorm_epsilon") or 1e-5),
+        init_method_std=float(args.get("init_method_std") or 0.0048),
+    )
+    if cfg.ffn_hidden_size == 4 * h:
+        cfg.ffn_hidden_size = None
+    if args.get("seq_length"):
+        cfg.seq_length = int(args["seq_length"])
+    if h % cfg.num_attention_heads or qkv.shape[0] != 3 * h:
+        raise UserError(f"{files[blocks[0]][0]}: query_key_value has {qkv.shape[0]} rows for hidden size {h} "
+                        f"and {cfg.num_attention_heads} heads; expected {3 * h} and heads dividing {h}")
+    check_state_dict(sd, cfg, sources)
+    return cfg, sd, args

@@ -1,0 +1,478 @@
+"""Weights-only native checkpoints: write one from full weights, read one back merged, load it to train.
+
+A *full state dict* here has transformers' ``BloomForCausalLM`` keys without ``lm_head.weight``
+(it is tied) and only the real vocabulary rows::
+
+    transformer.word_embeddings.weight            [vocab_size, h]
+    transformer.word_embeddings_layernorm.weight  [h]             (and .bias)
+    transformer.h.{i}.<block key>                 see BLOCK_KEYS
+    transformer.ln_f.weight                       [h]             (and .bias)
+
+A native checkpoint holds the same tensors as DeepSpeed pipeline layer files, one per pipeline
+layer and TP rank (Megatron-DeepSpeed's BLOOM layout, see ``pipeline.py``)::
+
+    <dir>/latest                                     "global_step0"
+    <dir>/global_step0/layer_00-model_01-model_states.pt   rows [V/tp, 2V/tp) of the padded embedding
+    <dir>/global_step0/layer_01-model_XX-model_states.pt   word_embeddings_layernorm (replicated)
+    <dir>/global_step0/layer_{2+i}-model_XX-...            block i, sharded as in ``parallelize.py``
+    <dir>/global_step0/layer_{L+2}-model_XX-...            ln_f (replicated)
+    <dir>/global_step0/megatron_bloom.pt                   iteration, layout, config, weights_only
+    <dir>/global_step0/complete
+
+A layer's file does not depend on the pipeline size, so one weights-only checkpoint serves every
+PP; ``load_weights_only`` also reshards it to any TP, so it serves every layout. The embedding is
+padded with zero rows to ``padded_vocab_size(tp)``; reading strips the padding again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from megatron_bloom.cli import UserError
+from megatron_bloom.config.schema import ModelConfig, RunConfig
+
+StateDict = Dict[str, Tensor]
+
+LAYER_FILE = "layer_{idx:02d}-model_{tp:02d}-model_states.pt"
+LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+STATE_FILE = "megatron_bloom.pt"
+TOKENIZER_DIR = "tokenizer"
+"""Sub-folder of a converted checkpoint holding the tokenizer files it came with (optional)."""
+
+BLOCK_KEYS = (
+    "input_layernorm.weight",
+    "input_layernorm.bias",
+    "self_attention.query_key_value.weight",
+    "self_attention.query_key_value.bias",
+    "self_attention.dense.weight",
+    "self_attention.dense.bias",
+    "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias",
+    "mlp.dense_h_to_4h.weight",
+    "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight",
+    "mlp.dense_4h_to_h.bias",
+)
+# How a layer-local key is split over TP ranks (parallelize.py); every other key is replicated.
+# query_key_value rows are stored per head ([heads, 3, head_dim]): a row split is a head split.
+SPLIT_DIM = {
+    "self_attention.query_key_value.weight": 0,
+    "self_attention.query_key_value.bias": 0,
+    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.bias": 0,
+    "self_attention.dense.weight": 1,
+    "mlp.dense_4h_to_h.weight": 1,
+    "word_embeddings.weight": 0,  # vocab-parallel rows, after padding
+}
+EMBEDDING_KEY = "word_embeddings.weight"
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """``None`` (keep), a torch dtype, or one of fp32/fp16/bf16 (and their long names)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; use fp32, fp16 or bf16")
+    return _DTYPES[key]
+
+
+def safe_load(path: str) -> Any:
+    """``torch.load(weights_only=True)`` of a possibly untrusted file; any failure is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({type(exc).__name__}: {first})") from None
+
+
+# ---- keys and shapes ---------------------------------------------------------------------------
+
+
+def expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every tensor of a full state dict of ``cfg`` (real vocabulary rows only)."""
+    h, f = cfg.hidden_size, cfg.ffn_size
+    shapes: Dict[str, Tuple[int, ...]] = {
+        "transformer.word_embeddings.weight": (cfg.vocab_size, h),
+        "transformer.word_embeddings_layernorm.weight": (h,),
+        "transformer.word_embeddings_layernorm.bias": (h,),
+        "transformer.ln_f.weight": (h,),
+        "transformer.ln_f.bias": (h,),
+    }
+    block = {
+        "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
+        "self_attention.query_key_value.weight": (3 * h, h), "self_attention.query_key_value.bias": (3 * h,),
+        "self_attention.dense.weight": (h, h), "self_attention.dense.bias": (h,),
+        "post_attention_layernorm.weight": (h,), "post_attention_layernorm.bias": (h,),
+        "mlp.dense_h_to_4h.weight": (f, h), "mlp.dense_h_to_4h.bias": (f,),
+        "mlp.dense_4h_to_h.weight": (h, f), "mlp.dense_4h_to_h.bias": (h,),
+    }
+    for i in range(cfg.num_layers):
+        for k, shape in block.items():
+            shapes[f"transformer.h.{i}.{k}"] = shape
+    return shapes
+
+
+def check_state_dict(sd: StateDict, cfg: ModelConfig, source: Union[str, Dict[str, str]]) -> None:
+    """Raise a one-line UserError unless ``sd`` is exactly a full state dict of ``cfg``.
+
+    ``source`` names where the tensors came from: one path, or a key -> file map.
+    """
+    def where(key: str) -> str:
+        return source.get(key, "?") if isinstance(source, dict) else source
+
+    shapes = expected_shapes(cfg)
+    shape_of = (f"num_layers={cfg.num_layers}, hidden_size={cfg.hidden_size}, "
+                f"vocab_size={cfg.vocab_size}, ffn_hidden_size={cfg.ffn_size}")
+    for key, shape in shapes.items():
+        if key not in sd:
+            files = sorted(set(source.values())) if isinstance(source, dict) else [source]
+            raise UserError(f"{', '.join(files)[:300]}: tensor '{key}' is missing (expected a BLOOM with {shape_of})")
+        if tuple(sd[key].shape) != shape:
+            raise UserError(f"{where(key)}: '{key}' has shape {tuple(sd[key].shape)}, expected {shape} "
+                            f"for a BLOOM with {shape_of}; the checkpoint is of another model shape")
+    extra = sorted(set(sd) - set(shapes))
+    if extra:
+        raise UserError(f"{where(extra[0])}: unexpected tensor '{extra[0]}' (and {len(extra) - 1} more) "
+                        f"for a BLOOM with {shape_of}")
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    if tp < 1:
+        raise UserError(f"tensor-parallel size must be >= 1, got {tp}")
+    for name, value in (("num_attention_heads", cfg.num_attention_heads), ("ffn_hidden_size", cfg.ffn_size)):
+        if value % tp:
+            options = [d for d in range(1, value + 1) if value % d == 0 and d <= 64]
+            raise UserError(f"{name}={value} is not divisible by tensor-parallel size {tp}; "
+                            f"use one of {', '.join(map(str, options))}")
+
+
+def layer_state(sd: StateDict, cfg: ModelConfig, idx: int) -> StateDict:
+    """Full tensors of pipeline layer ``idx`` (0 embedding .. L+2 ln_f) with layer-local keys."""
+    L = cfg.num_layers
+    if idx == 0:
+        return {EMBEDDING_KEY: sd["transformer.word_embeddings.weight"]}
+    if idx == 1:
+        return {f"word_embeddings_layernorm.{p}": sd[f"transformer.word_embeddings_layernorm.{p}"] for p in ("weight", "bias")}
+    if 2 <= idx < L + 2:
+        return {k: sd[f"transformer.h.{idx - 2}.{k}"] for k in BLOCK_KEYS}
+    if idx == L + 2:
+        return {f"ln_f.{p}": sd[f"transformer.ln_f.{p}"] for p in ("weight", "bias")}
+    raise ValueError(f"layer index {idx} outside 0..{L + 2}")
+
+
+def full_keys(cfg: ModelConfig, idx: int, local: StateDict) -> StateDict:
+    """Inverse of ``layer_state``: layer-local keys -> full-state-dict keys."""
+    if 2 <= idx < cfg.num_layers + 2:
+        return {f"transformer.h.{idx - 2}.{k}": v for k, v in local.items()}
+    return {f"transformer.{k}": v for k, v in local.items()}
+
+
+def shard_layer(full: StateDict, tp: int, rank: int, padded_vocab_size: int) -> StateDict:
+    """TP rank ``rank``'s tensors of one layer (the embedding zero-padded to ``padded_vocab_size`` first)."""
+    out = {}
+    for key, t in full.items():
+        if key == EMBEDDING_KEY and t.shape[0] < padded_vocab_size:
+            t = torch.cat([t, t.new_zeros(padded_vocab_size - t.shape[0], t.shape[1])])  # [V_pad, h]
+        dim = SPLIT_DIM.get(key)
+        # clone: torch.save of a view would write the whole underlying storage.
+        out[key] = t.clone() if dim is None or tp == 1 else t.chunk(tp, dim=dim)[rank].clone()
+    return out
+
+
+def merge_layer(shards: Sequence[StateDict], vocab_size: int, where: str) -> StateDict:
+    """Inverse of ``shard_layer``: concatenate split tensors, take TP rank 0's replicated ones."""
+    keys = list(shards[0])
+    for r, s in enumerate(shards[1:], 1):
+        if set(s) != set(keys):
+            raise UserError(f"{where}: TP rank {r} has keys {sorted(s)}, rank 0 has {sorted(keys)}")
+    out = {}
+    for key in keys:
+        dim = SPLIT_DIM.get(key)
+        # Replicated tensors are bitwise equal on every TP rank in our training (same inputs, same
+        # all-reduced gradients); rank 0's copy is the one the engine itself reports.
+        out[key] = shards[0][key] if dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], dim=dim)
+    if EMBEDDING_KEY in out:
+        out[EMBEDDING_KEY] = out[EMBEDDING_KEY][:vocab_size]  # drop rows added for TP divisibility
+    return out
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_native_checkpoint(
+    state_dict: StateDict,
+    model_cfg: ModelConfig,
+    out_dir: str,
+    tp: int,
+    iteration: int = 0,
+    dtype: Union[None, str, torch.dtype] = None,
+    pp: Optional[int] = None,
+    tokenizer_dir: Optional[str] = None,
+    special_tokens: Optional[Dict[str, Optional[int]]] = None,
+) -> str:
+    """Write a weights-only native checkpoint at TP=``tp``; returns ``out_dir/global_step{iteration}``.
+
+    ``state_dict`` is a full state dict (real vocabulary rows). ``dtype`` casts every tensor (None
+    keeps them). ``pp`` is only recorded in the configuration (layer files do not depend on it).
+    ``tokenizer_dir``'s tokenizer files are copied to ``out_dir/tokenizer``; ``special_tokens``
+    (bos/eos/pad ids) are recorded for generation.
+    """
+    check_state_dict(state_dict, model_cfg, "the given state dict")
+    check_tp(model_cfg, tp)
+    cast = parse_dtype(dtype)
+    tag = f"global_step{iteration}"
+    path = os.path.join(out_dir, tag)
+    if os.path.exists(path):
+        raise UserError(f"{path} already exists; choose another output directory or delete it")
+    os.makedirs(path)
+    padded = model_cfg.padded_vocab_size(tp)
+    for idx in range(model_cfg.num_layers + 3):
+        full = layer_state(state_dict, model_cfg, idx)
+        if cast is not None:
+            full = {k: v.to(cast) for k, v in full.items()}
+        for rank in range(tp):
+            _atomic_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
+    run = RunConfig(model=dataclasses.replace(model_cfg))
+    run.parallel.tensor_model_parallel_size = tp
+    if pp is not None:
+        run.parallel.pipeline_model_parallel_size = pp
+    state = {
+        "iteration": iteration,
+        "layout": {"tp": tp, "pp": None, "dp": None, "zero": None},
+        "config": dataclasses.asdict(run),
+        "weights_only": True,
+        "special_tokens": dict(special_tokens or {}),
+    }
+    _atomic_save(state, os.path.join(path, STATE_FILE))
+    if tokenizer_dir:
+        from megatron_bloom.checkpoint.hf import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
+    _atomic_text(os.path.join(path, "complete"), tag + "\n")
+    _atomic_text(os.path.join(out_dir, "latest"), tag)
+    return path
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
+    """``(directory, tag)`` of a native checkpoint given its directory (``latest`` names the tag)
+    or one ``global_stepN`` folder itself."""
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint directory {path} does not exist")
+    if tag is not None:
+        return path, tag
+    if os.path.isfile(os.path.join(path, STATE_FILE)) or glob.glob(os.path.join(path, "layer_*-model_states.pt")):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        raise UserError(f"{path} has no 'latest' file and no layer files: not a native checkpoint")
+    tag = open(latest).read().strip()
+    if not os.path.isdir(os.path.join(path, tag)):
+        raise UserError(f"{latest} names '{tag}' but {os.path.join(path, tag)} does not exist")
+    return path, tag
+
+
+def model_config_from_state(state: Dict[str, Any], where: str) -> ModelConfig:
+    try:
+        saved = dict(state["config"]["model"])
+    except (KeyError, TypeError):
+        raise UserError(f"{where} has no model configuration (config.model)") from None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def read_state(path: str) -> Dict[str, Any]:
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise UserError(f"{path} has no {STATE_FILE}: not a megatron-bloom checkpoint "
+                        f"(an original Megatron-DeepSpeed one converts with megatron-deepspeed-to-native)")
+    state = safe_load(state_file)
+    if not isinstance(state, dict):
+        raise UserError(f"{state_file} does not hold a dict")
+    return state
+
+
+def checkpoint_tp(path: str, cfg: ModelConfig) -> int:
+    """TP size of the layer files in ``path`` (from the file names); every file must be there."""
+    ranks = {}
+    for name in os.listdir(path):
+        m = LAYER_FILE_RE.match(name)
+        if m:
+            ranks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if 0 not in ranks:
+        raise UserError(f"{path} has no {LAYER_FILE.format(idx=0, tp=0)}: no embedding layer file")
+    tp = max(ranks[0]) + 1
+    for idx in range(cfg.num_layers + 3):
+        for rank in range(tp):
+            if rank not in ranks.get(idx, ()):
+                raise UserError(f"{os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank))} is missing "
+                                f"(a TP={tp} checkpoint of {cfg.num_layers} blocks needs layers 0..{cfg.num_layers + 2})")
+    return tp
+
+
+def read_layer(path: str, cfg: ModelConfig, idx: int, tp: int) -> StateDict:
+    """Merged full tensors of layer ``idx`` (layer-local keys, real vocabulary rows)."""
+    shards = []
+    for rank in range(tp):
+        f = os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank))
+        sd = safe_load(f)
+        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise UserError(f"{f} does not hold a dict of tensors")
+        shards.append(sd)
+    return merge_layer(shards, cfg.vocab_size, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))
+
+
+def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelConfig, StateDict]:
+    """Merge the TP shards of a native checkpoint (trained at any TP/PP, or converted).
+
+    ``path`` is a checkpoint directory (``latest`` picks the tag) or a ``global_stepN`` folder.
+    Returns the model configuration and a full state dict without the padded vocabulary rows.
+    """
+    directory, tag = resolve_checkpoint(path, tag)
+    ckpt = os.path.join(directory, tag)
+    cfg = model_config_from_state(read_state(ckpt), os.path.join(ckpt, STATE_FILE))
+    tp = checkpoint_tp(ckpt, cfg)
+    sd: StateDict = {}
+    sources: Dict[str, str] = {}
+    for idx in range(cfg.num_layers + 3):
+        layer = full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
+        sd.update(layer)
+        sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0)) for k in layer})
+    check_state_dict(sd, cfg, sources)
+    return cfg, sd
+
+
+def checkpoint_special_tokens(path: str) -> Dict[str, Optional[int]]:
+    """bos/eos/pad ids recorded by a conversion (empty for trained checkpoints)."""
+    directory, tag = resolve_checkpoint(path)
+    return dict(read_state(os.path.join(directory, tag)).get("special_tokens") or {})
+
+
+def model_from_state_dict(
+    cfg: ModelConfig, sd: StateDict, dtype: Union[None, str, torch.dtype] = None,
+    attention_impl: Optional[str] = None,
+):
+    """A single-device ``BloomForCausalLM`` holding a full state dict (vocab padded for TP=1).
+
+    Built on the meta device, so no time is spent on a random init that would be overwritten.
+    """
+    from megatron_bloom.models.bloom.model import BloomAttention, BloomForCausalLM
+
+    if attention_impl is not None:
+        cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
+    with torch.device("meta"):
+        model = BloomForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    padded = shard_layer({EMBEDDING_KEY: sd["transformer.word_embeddings.weight"]}, 1, 0, model.padded_vocab_size)
+    full = dict(sd, **{"transformer.word_embeddings.weight": padded[EMBEDDING_KEY]})
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise UserError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for m in model.modules():
+        if isinstance(m, BloomAttention):
+            m.reset_alibi_slopes()
+    cast = parse_dtype(dtype)
+    if cast is not None:
+        model.to(cast)
+    return model.eval()
+
+
+# ---- loading into a training engine ------------------------------------------------------------
+
+
+def _local_layers(engine) -> List[Tuple[int, nn.Module]]:
+    """(pipeline layer index, module) of every layer this rank holds, tied copies included."""
+    module = engine.module
+    if not getattr(engine, "is_pipeline", False):
+        # BloomSequential: one module per spec in order; the tied head (last spec) reuses layers[0].
+        return list(enumerate(module.layers))
+    out = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)]
+    for tied in module.tied_modules.values():
+        # The last stage holds the tied embedding only as the LM head's module: load layer 0 into it.
+        if not any(tied is m for _, m in out):
+            out.append((0, tied))
+    return out
+
+
+def load_weights_only(engine, info_dir: str, tag: str) -> None:
+    """Load the weights of ``info_dir/tag`` into a freshly built ``BloomEngine`` at any TP/PP/ZeRO.
+
+    Collective-free: every rank reads the layer files of the layers it holds (all TP shards of
+    them), merges, re-pads the vocabulary to the engine's ``padded_vocab_size`` and keeps its own
+    TP shard, so the checkpoint's TP need not match the engine's. The optimizer's fp32 master
+    copies (ZeRO-1/2/3, bf16/fp16 optimizers) are then refreshed from the new weights, as
+    DeepSpeed's own ``load_module_only`` does, so the first optimizer step starts from them.
+    Optimizer moments, LR schedule and data position stay fresh.
+    """
+    path = os.path.join(info_dir, tag)
+    cfg = model_config_from_state(read_state(path), os.path.join(path, STATE_FILE))
+    want = engine.cfg.model
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_size"):
+        if getattr(cfg, key) != getattr(want, key):
+            raise UserError(f"checkpoint {path} has {key}={getattr(cfg, key)} but the configuration says "
+                            f"{getattr(want, key)}; use the checkpoint's model configuration")
+    ck_tp = checkpoint_tp(path, cfg)
+    tp, rank = engine.state.dims.tp, engine.state.tp_rank
+    ds = engine.engine
+    zero3 = bool(getattr(ds, "zero_optimization_partition_weights", lambda: False)())
+    cache: Dict[int, StateDict] = {}
+    for idx, module in _local_layers(engine):
+        if idx not in cache:
+            cache[idx] = read_layer(path, cfg, idx, ck_tp)
+        shard = shard_layer(cache[idx], tp, rank, engine.padded_vocab_size)
+        params = dict(module.named_parameters())
+        if set(params) != set(shard):
+            raise RuntimeError(f"layer {idx}: module parameters {sorted(params)} != checkpoint keys {sorted(shard)}")
+        _copy_params(params, shard, zero3, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))
+    optimizer = getattr(ds, "optimizer", None)
+    if optimizer is not None and hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
+
+
+def _copy_params(params: Dict[str, nn.Parameter], shard: StateDict, zero3: bool, where: str) -> None:
+    import contextlib
+
+    ctx = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        # Gather the partitioned parameters; on exit rank 0's values (the same on every rank here)
+        # are partitioned again.
+        ctx = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+    with ctx, torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(shard[name].shape):
+                raise UserError(f"{where}: '{name}' has shape {tuple(shard[name].shape)} for this rank, "
+                                f"the engine expects {tuple(p.shape)}")
+            p.data.copy_(shard[name])
