@@ -261,7 +261,7 @@ def train_iters_for_samples(schedule: ConstantBatchSize, train_samples: int) -> 
     With ramp-up this is Megatron's ``update_train_iters``: it walks the ramp one batch at a time
     while consumed <= ramp samples, then adds (train_samples - consumed) // global_batch_size whole
     batches (a partial last batch is dropped). Here the walk jumps a whole ramp stage at a time,
-    so BLOOM-176B's ~6,600 ramp steps or a much longer ramp cost a few hundred operations.
+    so BLOOM-176B's 12,658 ramp steps (or a far longer ramp) cost one loop turn per increment.
     """
     iterations, consumed = 0, 0
     while True:

@@ -156,7 +156,8 @@ def test_validation_block_format(tmp_path):
     block = monitor.log_validation(1000, {"valid-en": 2.0, None: 30.0}, 8000, 8000 * SEQ)
     monitor.close()
     rule, en, unnamed, rule2 = block.split("\n")
-    assert en == " validation loss at iteration 1000 | valid-en lm loss value: 2.000000E+00 | lm loss PPL: 7.389056E+00 |"
+    assert en == (" validation loss at iteration 1000 | valid-en lm loss value: 2.000000E+00 |"
+                  " lm loss PPL: 7.389056E+00 |")
     # PPL is capped at exp(20) as in Megatron; an unnamed set has no group in its name or tag.
     assert unnamed == " validation loss at iteration 1000 | lm loss value: 3.000000E+01 | lm loss PPL: 4.851652E+08 |"
     assert rule == rule2 == "-" * (len(en) + 1)

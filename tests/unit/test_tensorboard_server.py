@@ -83,7 +83,8 @@ def test_tensorboard_serves_the_monitor_scalars(tmp_path):
             except (urllib.error.URLError, ConnectionError, OSError) as exc:
                 last_error = exc
             time.sleep(0.5)
-        assert want in tags.get(".", {}), f"no scalars served after {STARTUP_SECONDS}s ({last_error}):\n{log_tail(log_path)}"
+        assert want in tags.get(".", {}), (
+            f"no scalars served after {STARTUP_SECONDS}s ({last_error}):\n{log_tail(log_path)}")
 
         assert get_json(port, "/data/runs") == ["."]  # the monitor writes straight into tensorboard_dir
         for tag in ("lm-loss-training/lm loss", "lm-loss-training/lm loss vs samples", "learning-rate/learning-rate",
@@ -94,7 +95,8 @@ def test_tensorboard_serves_the_monitor_scalars(tmp_path):
 
         def series(tag):
             # Each point is [wall_time, step, value].
-            return [(step, value) for _, step, value in get_json(port, "/data/plugin/scalars/scalars", run=".", tag=tag)]
+            points = get_json(port, "/data/plugin/scalars/scalars", run=".", tag=tag)
+            return [(step, value) for _, step, value in points]
 
         advanced = [i for i in range(1, ITERS + 1) if i != SKIPPED]
         assert series("lm-loss-training/lm loss") == [(i, 10.0 - 0.25 * i) for i in advanced]
