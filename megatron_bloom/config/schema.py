@@ -139,6 +139,8 @@ class TrainingConfig:
     """Save and exit after this many minutes of wall time."""
     skip_train_iteration_range: Optional[List[str]] = None
     """Iteration ranges 'START-END' whose batches are skipped (recorded by absolute sample index)."""
+    kill_switch_path: Optional[str] = None
+    """When this file exists the run saves and exits at the next step boundary (and does not start)."""
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Training: engine, schedules, data plumbing, the pretraining loop."""

@@ -1,0 +1,315 @@
+"""The pretraining loop: schedules, data, evaluation, checkpoints, stop conditions, monitoring.
+
+One command serves the first run and every requeue: ``--load`` pointing at an empty directory
+starts from scratch; otherwise the newest complete checkpoint is resumed, at the saved layout
+(bitwise) or at another one (through a universal checkpoint, converted automatically once).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_bloom.checkpoint import (
+    check_compatible,
+    convert_to_universal,
+    find_checkpoint,
+    load_rng,
+    save_checkpoint,
+)
+from megatron_bloom.cli import UserError
+from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
+from megatron_bloom.distributed import init_distributed, set_seed
+from megatron_bloom.training.data import (
+    build_datasets,
+    micro_batches_for_step,
+    parse_skip_ranges,
+    skip_sample_ranges_to_add,
+)
+from megatron_bloom.monitoring.metrics import max_rss_mb
+from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule
+from megatron_bloom.training.signals import EXIT_REQUEUE, StopRequests
+
+
+# Known-harmless library noise on every rank, every step (results are checked by the parity tests):
+# DeepSpeed's pipeline engine backprops through a c10d broadcast, and calls a renamed all-gather.
+warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated")
+
+
+def layout_of(cfg: RunConfig) -> Dict[str, int]:
+    p = cfg.parallel
+    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+            "dp": p.data_parallel_size, "zero": p.zero_stage}
+
+
+def _log0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        t, p = cfg.training, cfg.parallel
+        self.stop = StopRequests(t.kill_switch_path)
+        if self.stop.kill_switch():
+            raise UserError(f"kill switch {t.kill_switch_path} exists; remove it to train")
+        self.skip_iteration_ranges = parse_skip_ranges(t.skip_train_iteration_range)
+        self.state = init_distributed(
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+            backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
+        )
+        set_seed(t.seed)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+        self.lr_schedule = LearningRateSchedule.from_config(t)
+        self.batch_schedule = build_batch_schedule(t, p.data_parallel_size)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.consumed_tokens = 0
+        self.skipped_iterations = 0
+        self.nan_iterations = 0
+        self.skipped_sample_ranges: Dict[str, list] = {}
+
+        # Resume point: decided before the engine exists (a layout change needs a universal load).
+        self.resume = find_checkpoint(cfg.checkpoint.load)
+        if cfg.checkpoint.load and self.resume is None:
+            _log0(f"WARNING: --load {cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
+        self.same_layout = True
+        self.weights_only = False
+        load_dir = None
+        if self.resume is not None:
+            check_compatible(self.resume, cfg.model)
+            self.weights_only = bool(self.resume.state.get("weights_only"))
+            saved = self.resume.layout
+            self.same_layout = self.weights_only or saved == layout_of(cfg)
+            load_dir = self.resume.directory
+            if not self.same_layout:
+                if saved.get("zero") == 0 or p.zero_stage == 0:
+                    raise UserError(
+                        f"checkpoint {self.resume.path} was saved at {saved}; changing layout goes through a "
+                        f"universal checkpoint, which needs ZeRO-1 on both sides (--zero-stage 1)"
+                    )
+                load_dir = os.path.join(self.resume.directory, "universal")
+                if self.rank == 0:
+                    _log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
+                    convert_to_universal(self.resume.directory, self.resume.tag, load_dir)
+                dist.barrier()
+
+        from megatron_bloom.training.engine import BloomEngine
+
+        self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout)
+        if self.resume is not None:
+            self._load(load_dir)
+
+        # Every evaluation reads the same first eval_iters global batches of each validation group.
+        self.train_ds, self.valid_ds = build_datasets(
+            cfg, self._total_train_samples(), cfg.logging.eval_iters * t.global_batch_size
+        )
+        if self.rank == 0 and cfg.checkpoint.save:
+            save_resolved_config(cfg, cfg.checkpoint.save)
+
+        from megatron_bloom.monitoring import TrainingMonitor
+
+        self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
+                                       start_iteration=self.iteration)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+
+    def _total_train_samples(self) -> int:
+        t = self.cfg.training
+        if t.train_samples is not None:
+            return t.train_samples
+        return t.train_iters * t.global_batch_size
+
+    def _total_iterations_estimate(self) -> int:
+        t = self.cfg.training
+        if t.train_iters is not None:
+            return t.train_iters
+        return self.batch_schedule.iterations_for_samples(t.train_samples)
+
+    def _done(self) -> bool:
+        t = self.cfg.training
+        if t.train_iters is not None:
+            return self.iteration >= t.train_iters
+        return self.consumed_samples >= t.train_samples
+
+    def trainer_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_tokens,
+            "skipped_iterations": self.skipped_iterations,
+            "nan_iterations": self.nan_iterations,
+            "skipped_sample_ranges": self.skipped_sample_ranges,
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "layout": layout_of(self.cfg),
+            "config": config_to_dict(self.cfg),
+            "weights_only": False,
+        }
+
+    def _load(self, load_dir: str) -> None:
+        info = self.resume
+        if self.weights_only:
+            from megatron_bloom.checkpoint.native import load_weights_only
+
+            load_weights_only(self.engine, info.directory, info.tag)
+            _log0(f"> loaded weights from {info.path} (fresh optimizer, schedule and data position)")
+            return
+        self.engine.load(load_dir, info.tag)
+        s = info.state
+        self.iteration = s["iteration"]
+        self.consumed_samples = s["consumed_samples"]
+        self.consumed_tokens = s["consumed_tokens"]
+        self.skipped_iterations = s.get("skipped_iterations", 0)
+        self.nan_iterations = s.get("nan_iterations", 0)
+        self.skipped_sample_ranges = dict(s.get("skipped_sample_ranges", {}))
+        self.lr_schedule.load_state_dict(s["lr_schedule"])
+        restored = load_rng(info, self.rank, self.same_layout, self.engine.tracker)
+        if not restored:
+            # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically.
+            set_seed(self.cfg.training.seed + self.iteration)
+        _log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
+              + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return
+        start = time.time()
+        path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k)
+        _log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _in_skipped_range(self) -> bool:
+        return any(lo <= self.consumed_samples < hi for lo, hi in self.skipped_sample_ranges.values())
+
+    def _batches(self, dataset, consumed: int, gbs: int):
+        if not self.engine.reads_data:
+            return []
+        t = self.cfg.training
+        return micro_batches_for_step(dataset, consumed, gbs, t.micro_batch_size, self.state.dims.dp,
+                                      self.state.dp_rank, self.cfg.model.vocab_size)
+
+    def evaluate(self) -> Dict[str, float]:
+        results = {}
+        gbs = self.batch_schedule.global_batch_size(self.consumed_samples)
+        for name, dataset in self.valid_ds.items():
+            losses = []
+            for i in range(self.cfg.logging.eval_iters):
+                # Evaluation reads its own dataset from the start each time: comparable numbers.
+                losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs)))
+            results[name] = sum(losses) / len(losses)
+        return results
+
+    def train(self) -> int:
+        cfg, t, lg = self.cfg, self.cfg.training, self.cfg.logging
+        self.stop.install()
+        start_time = time.time()
+        exit_code = 0
+        _log0(f"> training from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
+        self.monitor.reset_timer()
+        try:
+            while not self._done():
+                gbs = self.batch_schedule.global_batch_size(self.consumed_samples)
+                new_skip = skip_sample_ranges_to_add(self.skip_iteration_ranges, self.iteration + 1,
+                                                     self.consumed_samples, gbs, self.skipped_sample_ranges)
+                if new_skip:
+                    self.skipped_sample_ranges[new_skip[0]] = new_skip[1:]
+                step_start = time.time()
+                if self._in_skipped_range():
+                    self.iteration += 1
+                    self.consumed_samples += gbs
+                    self.consumed_tokens += gbs * cfg.model.seq_length
+                    self.skipped_iterations += 1
+                    _log0(f"> iteration {self.iteration}: skipped (--skip-train-iteration-range)")
+                    continue
+                if gbs != self.engine.gradient_accumulation_steps * t.micro_batch_size * self.state.dims.dp:
+                    self.engine.set_gradient_accumulation_steps(gbs // (t.micro_batch_size * self.state.dims.dp))
+                lr = self.lr_schedule.lr(self.consumed_samples)
+                self.engine.set_learning_rate(lr)
+                result = self.engine.train_step(self._batches(self.train_ds, self.consumed_samples, gbs))
+                elapsed = time.time() - step_start
+                self.iteration += 1
+                self.consumed_samples += gbs
+                self.consumed_tokens += gbs * cfg.model.seq_length
+                if result.skipped:
+                    self.skipped_iterations += 1
+                if not torch.isfinite(torch.tensor(result.loss)):
+                    self.nan_iterations += 1
+                self.monitor.record_step(
+                    self.iteration,
+                    consumed_samples=self.consumed_samples,
+                    consumed_tokens=self.consumed_tokens,
+                    loss=result.loss,
+                    learning_rate=lr,
+                    global_batch_size=gbs,
+                    grad_norm=result.grad_norm,
+                    loss_scale=result.loss_scale,
+                    skipped=result.skipped,
+                    step_time=elapsed,
+                )
+                if self.iteration % lg.log_interval == 0:
+                    self.monitor.log_memory(self.iteration, {"max rss MB": self._memory_by_rank()})
+                if self.valid_ds and self.iteration % lg.eval_interval == 0:
+                    self._validate()
+                saved = False
+                if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
+                    with self.monitor.untimed():
+                        self.save()
+                    saved = True
+                signal_seen, kill_switch = self.stop.agreed(self.state.device)
+                minutes = (time.time() - start_time) / 60.0
+                reason = None
+                if signal_seen:
+                    reason, exit_code = f"signal {self.stop.signal_received or 'on another rank'}", EXIT_REQUEUE
+                elif kill_switch:
+                    reason = f"kill switch {t.kill_switch_path}"
+                elif t.exit_interval and self.iteration % t.exit_interval == 0:
+                    reason = f"--exit-interval {t.exit_interval}"
+                elif t.exit_duration_in_mins is not None and self._agreed_over_time(minutes):
+                    reason = f"--exit-duration-in-mins {t.exit_duration_in_mins} ({minutes:.1f} min)"
+                if reason:
+                    if not saved:
+                        with self.monitor.untimed():
+                            self.save()
+                    _log0(f"> stopping at iteration {self.iteration}: {reason}; exit code {exit_code}")
+                    return exit_code
+            if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0):
+                self.save()
+            if self.valid_ds and self.iteration % lg.eval_interval != 0:
+                self._validate()
+            _log0(f"> training done at iteration {self.iteration} ({self.consumed_samples} samples)")
+            return 0
+        finally:
+            self.stop.uninstall()
+            self.monitor.close()
+
+    def _validate(self) -> None:
+        with self.monitor.untimed():
+            losses = self.evaluate()
+        self.monitor.log_validation(self.iteration, losses, self.consumed_samples, self.consumed_tokens)
+
+    def _agreed_over_time(self, minutes: float) -> bool:
+        # Ranks' clocks differ slightly; rank 0 decides so that every rank stops at the same step.
+        flag = torch.tensor([1.0 if minutes > self.cfg.training.exit_duration_in_mins else 0.0])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _memory_by_rank(self):
+        mine = torch.tensor([max_rss_mb()], dtype=torch.float64)
+        parts = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        return [p.item() for p in parts]
+
+
+def pretrain(cfg: RunConfig) -> int:
+    trainer = Trainer(cfg)
+    return trainer.train()

@@ -1,0 +1,50 @@
+"""Stop requests: SIGTERM / SIGUSR1 (SLURM preemption or time limit), a kill-switch file.
+
+A handler only records the request; the training loop acts on it at the next step boundary,
+after agreeing with every rank (a rank that saw the signal late must not keep stepping while
+the others save). The run then saves and exits with ``EXIT_REQUEUE``, which the sbatch scripts
+turn into ``scontrol requeue``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+EXIT_REQUEUE = 3
+"""Exit code meaning "saved, please requeue me" (the sbatch scripts check for it)."""
+
+
+class StopRequests:
+    def __init__(self, kill_switch_path: Optional[str] = None):
+        self.kill_switch_path = kill_switch_path
+        self.signal_received: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> "StopRequests":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.signal_received = signum
+
+    def kill_switch(self) -> bool:
+        return bool(self.kill_switch_path) and os.path.exists(self.kill_switch_path)
+
+    def agreed(self, device: torch.device) -> tuple[bool, bool]:
+        """(signal on any rank, kill switch on any rank), the same answer on every rank."""
+        flags = torch.tensor(
+            [1.0 if self.signal_received is not None else 0.0, 1.0 if self.kill_switch() else 0.0], device=device
+        )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
