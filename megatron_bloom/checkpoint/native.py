@@ -29,6 +29,7 @@ import dataclasses
 import glob
 import os
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -94,10 +95,22 @@ def safe_load(path: str) -> Any:
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Any unusual pickle is reported below as an error; torch's extra warning about it
+            # would only add lines to a one-line message.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({type(exc).__name__}: {first})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):
+            # torch's refusal is a paragraph advising weights_only=False, which must not be done
+            # with an untrusted file: keep only the line that says what was refused.
+            skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+            detail = [ln for ln in lines if not ln.startswith(skip)]
+            reason = "refused by the weights-only unpickler: " + (detail[0] if detail else "unsupported content")
+        else:
+            reason = (lines[0] if lines else type(exc).__name__).split(". ")[0]
+        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({reason[:200]})") from None
 
 
 # ---- keys and shapes ---------------------------------------------------------------------------
@@ -252,6 +265,10 @@ def write_native_checkpoint(
     path = os.path.join(out_dir, tag)
     if os.path.exists(path):
         raise UserError(f"{path} already exists; choose another output directory or delete it")
+    if tokenizer_dir:
+        from megatron_bloom.checkpoint.hf import copy_tokenizer_files
+
+        copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
     os.makedirs(path)
     padded = model_cfg.padded_vocab_size(tp)
     for idx in range(model_cfg.num_layers + 3):
@@ -272,10 +289,6 @@ def write_native_checkpoint(
         "special_tokens": dict(special_tokens or {}),
     }
     _atomic_save(state, os.path.join(path, STATE_FILE))
-    if tokenizer_dir:
-        from megatron_bloom.checkpoint.hf import copy_tokenizer_files
-
-        copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
     _atomic_text(os.path.join(path, "complete"), tag + "\n")
     _atomic_text(os.path.join(out_dir, "latest"), tag)
     return path
