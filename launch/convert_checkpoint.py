@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_of(source_dir: str):
-    from megatron_bloom.generation import _has_tokenizer
+    from megatron_bloom.checkpoint.hf import has_tokenizer_files
 
-    return source_dir if source_dir and os.path.isdir(source_dir) and _has_tokenizer(source_dir) else None
+    return source_dir if source_dir and os.path.isdir(source_dir) and has_tokenizer_files(source_dir) else None
 
 
 def main(argv=None) -> int:

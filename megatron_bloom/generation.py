@@ -35,12 +35,9 @@ class LoadedModel:
     """bos/eos/pad ids from the checkpoint (transformers config.json or a conversion record)."""
 
 
-def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
 def load_model(path: str, dtype=None, attention_impl: Optional[str] = None) -> LoadedModel:
     """Load a native checkpoint or a transformers folder into one process."""
+    from megatron_bloom.checkpoint.hf import has_tokenizer_files
     from megatron_bloom.checkpoint.native import (
         TOKENIZER_DIR,
         checkpoint_special_tokens,
@@ -56,12 +53,12 @@ def load_model(path: str, dtype=None, attention_impl: Optional[str] = None) -> L
         cfg, sd = read_hf_checkpoint(path)
         with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
             special = special_tokens_from_hf(json.load(fh))
-        tokenizer_dir = path if _has_tokenizer(path) else None
+        tokenizer_dir = path if has_tokenizer_files(path) else None
     else:
         cfg, sd = read_native_checkpoint(path)
         special = checkpoint_special_tokens(path)
         candidate = os.path.join(path, TOKENIZER_DIR)
-        tokenizer_dir = candidate if os.path.isdir(candidate) and _has_tokenizer(candidate) else None
+        tokenizer_dir = candidate if os.path.isdir(candidate) and has_tokenizer_files(candidate) else None
     model = model_from_state_dict(cfg, sd, dtype, attention_impl)
     return LoadedModel(model, cfg, tokenizer_dir, special)
 

@@ -170,6 +170,11 @@ def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
 # ---- writing -----------------------------------------------------------------------------------
 
 
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` holds a transformers tokenizer (tokenizer.json, its config or a vocab)."""
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
 def copy_tokenizer_files(src: str, dst: str) -> List[str]:
     """Copy a tokenizer folder's files (not weights or model configs) into ``dst``; returns names."""
     if not os.path.isdir(src):

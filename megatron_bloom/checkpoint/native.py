@@ -365,22 +365,64 @@ def read_layer(path: str, cfg: ModelConfig, idx: int, tp: int) -> StateDict:
     return merge_layer(shards, cfg.vocab_size, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))
 
 
+def _engine_state_layers(path: str, cfg: ModelConfig) -> Tuple[List[str], List[Dict[int, StateDict]]]:
+    """Per TP rank, layer index -> tensors, from ``mp_rank_XX_model_states.pt`` of a PP=1 ZeRO-2 run.
+
+    DeepSpeed's plain engine (used for ZeRO-2/3) writes no layer files; under ZeRO-2 its engine
+    file per model-parallel (= TP) rank holds BloomSequential's state dict, ``layers.{idx}.<key>``.
+    """
+    files = sorted(f for f in os.listdir(path) if re.match(r"^mp_rank_\d+_model_states\.pt$", f))
+    per_rank = []
+    for name in files:
+        f = os.path.join(path, name)
+        state = safe_load(f)
+        module = state.get("module") if isinstance(state, dict) else None
+        if not isinstance(module, dict) or not module:
+            raise UserError(f"{f} holds no module weights")
+        layers: Dict[int, StateDict] = {}
+        for key, value in module.items():
+            m = re.match(r"^layers\.(\d+)\.(.+)$", key)
+            if not m or not isinstance(value, Tensor):
+                raise UserError(f"{f}: unexpected entry '{key}' (not a BloomSequential checkpoint)")
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        per_rank.append(layers)
+    return [os.path.join(path, f) for f in files], per_rank
+
+
 def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelConfig, StateDict]:
     """Merge the TP shards of a native checkpoint (trained at any TP/PP, or converted).
 
     ``path`` is a checkpoint directory (``latest`` picks the tag) or a ``global_stepN`` folder.
     Returns the model configuration and a full state dict without the padded vocabulary rows.
+    Pipeline-engine checkpoints (ZeRO 0/1, any PP, and every conversion) are read from their
+    layer files, PP=1 ZeRO-2 ones from their engine files; ZeRO-3 ones are refused (their weights
+    exist only as fp32 optimizer partitions).
     """
     directory, tag = resolve_checkpoint(path, tag)
     ckpt = os.path.join(directory, tag)
     cfg = model_config_from_state(read_state(ckpt), os.path.join(ckpt, STATE_FILE))
-    tp = checkpoint_tp(ckpt, cfg)
+    names = os.listdir(ckpt)
     sd: StateDict = {}
     sources: Dict[str, str] = {}
-    for idx in range(cfg.num_layers + 3):
-        layer = full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
-        sd.update(layer)
-        sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0)) for k in layer})
+    if not any(LAYER_FILE_RE.match(n) for n in names) and any(re.match(r"^mp_rank_\d+_model_states\.pt$", n) for n in names):
+        files, per_rank = _engine_state_layers(ckpt, cfg)
+        for idx in range(cfg.num_layers + 3):
+            for r, layers in enumerate(per_rank):
+                if idx not in layers:
+                    raise UserError(f"{files[r]} has no tensors of pipeline layer {idx}")
+            layer = merge_layer([layers[idx] for layers in per_rank], cfg.vocab_size, files[0])
+            layer = full_keys(cfg, idx, layer)
+            sd.update(layer)
+            sources.update({k: files[0] for k in layer})
+    elif not any(LAYER_FILE_RE.match(n) for n in names) and any(n.startswith("zero_pp_rank_") for n in names):
+        raise UserError(f"{ckpt} was saved under ZeRO-3: its weights exist only as optimizer partitions, which "
+                        f"this reader does not merge; train at ZeRO 0-2 to get readable checkpoints")
+    else:
+        tp = checkpoint_tp(ckpt, cfg)
+        for idx in range(cfg.num_layers + 3):
+            layer = full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
+            sd.update(layer)
+            sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0)) for k in layer})
     check_state_dict(sd, cfg, sources)
     return cfg, sd
 

@@ -64,12 +64,12 @@ def _local_params(engine):
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def train_save_eval(save_dir, tp, pp, steps):
+def train_save_eval(save_dir, tp, pp, steps, zero=1):
     """Train ``steps`` steps, save a native checkpoint, return the engine's loss on the eval batch."""
     from megatron_bloom.checkpoint import save_checkpoint
     from megatron_bloom.config import config_to_dict
 
-    cfg, state, engine = _setup(tp, pp)
+    cfg, state, engine = _setup(tp, pp, zero=zero)
     for step in range(steps):
         engine.train_step(_batches(cfg, state, step) if engine.reads_data else [])
     layout = {"tp": tp, "pp": pp, "dp": state.dims.dp, "zero": cfg.parallel.zero_stage}

@@ -45,10 +45,14 @@ def test_engine_loads_weights_only_checkpoint(converted, tp, pp, dp, zero):
     assert max(r[1] for r in results) < 2 * lr
 
 
-def test_trained_checkpoint_to_transformers(tmp_path):
-    """(TP, PP, DP) = (2, 2, 1) training -> merged single model -> transformers folder."""
+@pytest.mark.parametrize("tp, pp, zero", [(2, 2, 1), (2, 1, 2)])
+def test_trained_checkpoint_to_transformers(tmp_path, tp, pp, zero):
+    """Training at (TP, PP, DP=1) -> merged single model -> transformers folder.
+
+    ZeRO-1 runs the pipeline engine (layer files); PP=1 ZeRO-2 the plain engine (engine files).
+    """
     ckpt = str(tmp_path / "trained")
-    engine_loss = run_distributed(train_save_eval, 4, ckpt, 2, 2, 2, timeout=300)[0]
+    engine_loss = run_distributed(train_save_eval, tp * pp, ckpt, tp, pp, 2, zero, timeout=300)[0]
     cfg, sd = read_native_checkpoint(ckpt)
     assert sd["transformer.word_embeddings.weight"].shape[0] == cfg.vocab_size == 250
     ours = model_from_state_dict(cfg, sd, attention_impl="eager")
