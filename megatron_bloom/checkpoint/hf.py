@@ -170,6 +170,18 @@ def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
 # ---- writing -----------------------------------------------------------------------------------
 
 
+def tokenizer_special_tokens(folder: str) -> Dict[str, Optional[int]]:
+    """bos/eos/pad ids of the tokenizer in ``folder`` (transformers AutoTokenizer, local only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}: {first})") from None
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+
+
 def has_tokenizer_files(folder: str) -> bool:
     """Whether ``folder`` holds a transformers tokenizer (tokenizer.json, its config or a vocab)."""
     return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
@@ -248,8 +260,12 @@ def write_hf_checkpoint(
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)
 
-    tokens = {"bos": 1, "eos": 2, "pad": 3}  # BLOOM's tokenizer: <unk>=0 <s>=1 </s>=2 <pad>=3
+    # Special-token ids: the copied tokenizer's, else the source checkpoint's, else BLOOM's
+    # (<unk>=0 <s>=1 </s>=2 <pad>=3), so config.json agrees with the tokenizer shipped beside it.
+    tokens = {"bos": 1, "eos": 2, "pad": 3}
     tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+    if tokenizer_dir:
+        tokens.update({k: v for k, v in tokenizer_special_tokens(tokenizer_dir).items() if v is not None})
     hf_config = BloomConfig(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,

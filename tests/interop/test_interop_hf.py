@@ -66,7 +66,8 @@ def test_cli_round_trip_is_bitwise_and_matches_transformers(source, tmp_path):
 
     again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)  # tokenizer travelled with the weights
-    assert tok.eos_token_id == 2 and again.config.eos_token_id == 2
+    assert (again.config.bos_token_id, again.config.eos_token_id, again.config.pad_token_id) == (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
     cfg, sd = read_native_checkpoint(str(native))
     ours = model_from_state_dict(cfg, sd, attention_impl="eager")
     ids = torch.randint(0, 250, (2, 19), generator=torch.Generator().manual_seed(3))
