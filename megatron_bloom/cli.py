@@ -55,8 +55,14 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
+def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
+    """launch/pretrain.py: check the configuration first, then (and only then) import the heavy parts."""
+    cfg, _ = resolve_config(argv)
+    from megatron_bloom.training.pretrain import pretrain
+
+    return pretrain(cfg)
+
+
 def pretrain_main() -> None:
     """Console-script alias of launch/pretrain.py."""
-    from megatron_bloom.training.pretrain import main
-
-    entry_point(main)()
+    entry_point(pretrain_command)()

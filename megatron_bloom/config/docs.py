@@ -47,3 +47,16 @@ def markdown_reference() -> str:
             lines.append(f"| `{f.name}` / `{flag}` | `{default}` | {docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def main() -> None:
+    """``python -m megatron_bloom.config.docs > docs/configuration.md``"""
+    print("# Configuration reference\n")
+    print("Generated from the docstrings under each field of `megatron_bloom/config/schema.py`")
+    print("(`python -m megatron_bloom.config.docs > docs/configuration.md`). Every key can be set in a")
+    print("YAML file under its section (`--config FILE`) or with the flag; flags win.\n")
+    print(markdown_reference())
+
+
+if __name__ == "__main__":
+    main()

@@ -160,3 +160,17 @@ def test_padded_vocab_matches_bloom():
     cfg.vocab_size = 250880
     assert cfg.padded_vocab_size(4) == 250880  # rows a checkpoint has stay as they are
     assert cfg.padded_vocab_size(3) == 251136 and 251136 % (128 * 3) == 0
+
+
+def test_configuration_reference_is_current(repo_root):
+    import contextlib
+    import io
+    import os
+
+    from megatron_bloom.config.docs import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main()
+    with open(os.path.join(repo_root, "docs", "configuration.md")) as fh:
+        assert fh.read() == buf.getvalue(), "regenerate: python -m megatron_bloom.config.docs > docs/configuration.md"
