@@ -155,6 +155,10 @@ class DataConfig:
     """Megatron-DeepSpeed form 'NAME: W START:END PATH, ...' for training data."""
     valid_weighted_split_paths: Optional[List[str]] = None
     """Same form for validation groups; each group is evaluated and reported on its own."""
+    train_weighted_split_paths_path: Optional[str] = None
+    """File holding the train_weighted_split_paths group (bigscience mixture file: one 'NAME: W START:END PATH, ...' per line)."""
+    valid_weighted_split_paths_path: Optional[str] = None
+    """File holding the valid_weighted_split_paths groups, one group per line."""
     tokenizer_name_or_path: Optional[str] = None
     """Tokenizer folder (or hub name when online) loadable with transformers.AutoTokenizer."""
     num_workers: int = 2
@@ -192,6 +196,18 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Instruction finetuning on packed prompt/answer pairs (launch/finetune.py only)."""
+
+    pretrained: Optional[str] = None
+    """Weights to start from: a native checkpoint (any layout) or a transformers BLOOM folder; ignored once --load holds the finetune's own checkpoint."""
+    norm_target_loss: bool = False
+    """Every target sequence weighs the same in the loss (BLOOMZ), instead of every target token."""
+    overlong: str = "truncate"
+    """Pairs longer than seq_length: 'truncate' their inputs from the left (the target is kept) or 'skip' them; both are counted and reported."""
+
+
+@dataclass
 class RunConfig:
     """A whole run: one section per concern, as in the YAML files under configs/."""
 
@@ -207,6 +223,8 @@ class RunConfig:
     """Saving and loading."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Reporting."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Finetuning source and loss."""
 
 
 SECTIONS = {
@@ -216,4 +234,5 @@ SECTIONS = {
     "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "finetune": FinetuneConfig,
 }

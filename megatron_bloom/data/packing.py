@@ -202,11 +202,12 @@ class PackedRows:
     """Rows of one paired dataset's pairs ``[first, last)``: at least ``num_rows`` of them.
 
     ``language_map`` / ``task_map`` translate the dataset's own language and dataset ids to the
-    run's global ids (several datasets may be blended). Every rank builds the same rows from the
-    same seed; only sizes are read to plan them.
+    run's global ids (several datasets may be blended). ``seed`` is an int or a sequence of ints
+    (e.g. run seed, split, group, component). Every rank builds the same rows from the same seed;
+    only sizes are read to plan them.
     """
 
-    def __init__(self, paired, first: int, last: int, num_rows: int, seq_length: int, seed: int,
+    def __init__(self, paired, first: int, last: int, num_rows: int, seq_length: int, seed,
                  overlong: str = "truncate", language_map: Optional[np.ndarray] = None,
                  task_map: Optional[np.ndarray] = None, name: str = ""):
         self.paired = paired
@@ -218,7 +219,7 @@ class PackedRows:
         total = 0
         epoch = 0
         while True:
-            pack = pack_pairs(inp, tgt, seq_length, [seed, epoch], overlong, pair_ids)
+            pack = pack_pairs(inp, tgt, seq_length, [*np.atleast_1d(seed).tolist(), epoch], overlong, pair_ids)
             if pack.rows == 0:
                 raise ValueError(f"{self.name}: no pair of [{first}, {last}) fits in rows of {seq_length} tokens "
                                  f"({pack.stats.line(self.name)})")

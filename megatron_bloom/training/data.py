@@ -30,6 +30,7 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
     )
 
     d = cfg.data
+    train_groups, valid_groups = weighted_split_paths(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     opts = BuildOptions(
         seq_length=cfg.model.seq_length,
@@ -38,12 +39,12 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
         barrier=dist.barrier if dist.is_initialized() else None,
     )
     try:
-        if d.train_weighted_split_paths:
-            (group,) = parse_weighted_split_paths(d.train_weighted_split_paths, "--train-weighted-split-paths")
+        if train_groups:
+            (group,) = parse_weighted_split_paths(train_groups, "--train-weighted-split-paths")
             train = build_group_dataset(group, train_samples, opts, split_name="train")
             valid = {}
-            if d.valid_weighted_split_paths:
-                groups = parse_weighted_split_paths(d.valid_weighted_split_paths, "--valid-weighted-split-paths")
+            if valid_groups:
+                groups = parse_weighted_split_paths(valid_groups, "--valid-weighted-split-paths")
                 valid = build_valid_group_datasets(groups, valid_samples, opts)
             return train, valid
         if not d.data_path:
@@ -56,6 +57,26 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
     if train is None:
         raise UserError(f"--split {d.split} leaves no training documents; give the train part a weight")
     return train, ({"validation": valid} if valid is not None else {})
+
+
+def weighted_split_paths(cfg: RunConfig) -> Tuple[Optional[List[str]], Optional[List[str]]]:
+    """(train groups, validation groups) from the flags or from the mixture files their *_path flags name."""
+    from megatron_bloom.data.xp3 import read_weighted_split_paths_file
+
+    d = cfg.data
+    out = []
+    for kind in ("train", "valid"):
+        inline = getattr(d, f"{kind}_weighted_split_paths")
+        path = getattr(d, f"{kind}_weighted_split_paths_path")
+        if inline and path:
+            raise UserError(f"--{kind}-weighted-split-paths and --{kind}-weighted-split-paths-path are both given; keep one")
+        if path:
+            try:
+                inline = read_weighted_split_paths_file(path, f"--{kind}-weighted-split-paths-path")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        out.append(inline)
+    return out[0], out[1]
 
 
 def micro_batches_for_step(

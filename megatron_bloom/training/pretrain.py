@@ -78,9 +78,7 @@ class Trainer:
         self.skipped_sample_ranges: Dict[str, list] = {}
 
         # Resume point: decided before the engine exists (a layout change needs a universal load).
-        self.resume = find_checkpoint(cfg.checkpoint.load)
-        if cfg.checkpoint.load and self.resume is None:
-            _log0(f"WARNING: --load {cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
+        self.resume = self._find_resume()
         self.same_layout = True
         self.weights_only = False
         load_dir = None
@@ -109,8 +107,8 @@ class Trainer:
             self._load(load_dir)
 
         # Every evaluation reads the same first eval_iters global batches of each validation group.
-        self.train_ds, self.valid_ds = build_datasets(
-            cfg, self._total_train_samples(), cfg.logging.eval_iters * t.global_batch_size
+        self.train_ds, self.valid_ds = self._build_datasets(
+            self._total_train_samples(), cfg.logging.eval_iters * t.global_batch_size
         )
         if self.rank == 0 and cfg.checkpoint.save:
             save_resolved_config(cfg, cfg.checkpoint.save)
@@ -119,6 +117,22 @@ class Trainer:
 
         self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
                                        start_iteration=self.iteration)
+
+    # ---- hooks (the finetuning trainer overrides these) ------------------------------------------
+
+    def _find_resume(self):
+        """The checkpoint to start from (None: from scratch); decided before the engine exists."""
+        info = find_checkpoint(self.cfg.checkpoint.load)
+        if self.cfg.checkpoint.load and info is None:
+            _log0(f"WARNING: --load {self.cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
+        return info
+
+    def _build_datasets(self, train_samples: int, valid_samples: int):
+        """(train dataset, {validation group: dataset}); indexed by global sample number."""
+        return build_datasets(self.cfg, train_samples, valid_samples)
+
+    def _after_step(self, result) -> None:
+        """Called on every rank after each optimizer step has been recorded."""
 
     # ---- bookkeeping ----------------------------------------------------------------------------
 
@@ -256,6 +270,7 @@ class Trainer:
                     skipped=result.skipped,
                     step_time=elapsed,
                 )
+                self._after_step(result)
                 if self.iteration % lg.log_interval == 0:
                     self.monitor.log_memory(self.iteration, {"max rss MB": self._memory_by_rank()})
                 if self.valid_ds and self.iteration % lg.eval_interval == 0:
@@ -311,5 +326,9 @@ class Trainer:
 
 
 def pretrain(cfg: RunConfig) -> int:
+    from megatron_bloom.config.schema import FinetuneConfig
+
+    if cfg.finetune != FinetuneConfig():
+        raise UserError("--pretrained, --norm-target-loss and --overlong are finetuning options; run launch/finetune.py")
     trainer = Trainer(cfg)
     return trainer.train()

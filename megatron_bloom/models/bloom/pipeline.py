@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_bloom.config.schema import ModelConfig
-from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding
+from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
@@ -122,15 +122,30 @@ class FinalLayerNormPipe(nn.Module):
 
 
 class LMLoss:
-    """Pipeline loss: ``loss_fn(logits, (labels, loss_mask))`` -> token-mean loss (vocab-parallel)."""
+    """Pipeline loss (vocab-parallel), in one of two forms chosen by the labels tuple:
+
+    * ``(labels, loss_mask)`` (pretraining): token mean over the micro-batch's masked tokens.
+    * ``(labels, loss_weights, scale, *group_ids)`` (finetuning): ``sum(loss * loss_weights) *
+      scale[0]``. The data side picks weights and scale so that DeepSpeed's mean over micro-batches
+      and DP ranks of these values is the mean over the GLOBAL batch (see training/finetune.py).
+      When ``meter`` is set, it also receives the per-token losses with the weights and the
+      ``group_ids`` tensors (e.g. language and task of each token) for per-group reporting.
+    """
 
     def __init__(self, tp_group: Group, vocab_start: int):
         self.tp_group = tp_group
         self.vocab_start = vocab_start
+        self.meter = None
 
     def __call__(self, logits: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
         target, loss_mask = labels[0], (labels[1] if len(labels) > 1 else None)
-        return parallel_lm_loss(logits, target, loss_mask, self.vocab_start, self.tp_group)
+        if len(labels) <= 2:
+            return parallel_lm_loss(logits, target, loss_mask, self.vocab_start, self.tp_group)
+        losses = vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.tp_group)  # [b, s] fp32
+        weights = loss_mask.to(losses.dtype)
+        if self.meter is not None:
+            self.meter.add(losses.detach(), weights, labels[3:])
+        return (losses * weights).sum() * labels[2].reshape(-1)[0].to(losses.dtype)
 
 
 def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None,
