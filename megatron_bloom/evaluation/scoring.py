@@ -30,8 +30,8 @@ def sliding_windows(tokens: Sequence[int], prefix_id: int, max_length: int, stri
     real token is scored too. Window ``k`` feeds the model ``max_length`` tokens ending at
     ``end_k = min(k * stride + max_length, n)`` (n = number of tokens) and scores the positions it
     predicts that no earlier window scored. The last window is pulled back so that it is full
-    length, so every token gets as much context as the window allows: at least
-    ``max_length - stride`` earlier tokens (or all of them near the start).
+    length, so every token gets as much context as the window allows: the token at position ``p``
+    (the prefix is position 0) reads at least ``min(p, max_length - stride + 1)`` tokens.
 
     Worked example, tokens ``t1..t9``, prefix B, max_length 4::
 
