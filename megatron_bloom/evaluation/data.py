@@ -44,7 +44,8 @@ def read_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    reason = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg  # "Invalid control character at"
+                    raise UserError(f"{path}:{number}: not valid JSON ({reason} at column {exc.colno})") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{path}:{number}: a line must hold a JSON object, got {type(row).__name__}")
                 seen = True
