@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb>=0.16"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14"],
+        # dev installs the optional integrations too, so their tests run rather than skip.
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14", "wandb>=0.16"],
     },
     entry_points={
         "console_scripts": [

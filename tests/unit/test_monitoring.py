@@ -256,12 +256,18 @@ def test_wandb_offline_run_writes_the_same_metrics(tmp_path, monkeypatch):
 
     files = glob.glob(os.path.join(cfg.logging.tensorboard_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
-    records = read_wandb_log(files[0])
-    history = {}
-    for rec in records:
-        if rec.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
-            history.setdefault(rec.history.step.num, {}).update(items)
+    # wandb's service process may still be appending after finish() returns on a loaded machine:
+    # re-read (bounded) until the last step is there.
+    deadline = time.monotonic() + 60
+    while True:
+        history = {}
+        for rec in read_wandb_log(files[0]):
+            if rec.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+                history.setdefault(rec.history.step.num, {}).update(items)
+        if ITERS in history or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert sorted(history) == list(range(1, ITERS + 1))
     assert history[5]["lm-loss-training/lm loss"] == 10.0 - 0.25 * 5
     assert history[5]["lm-loss-training/lm loss vs samples"] == 10.0 - 0.25 * 5
