@@ -135,3 +135,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps(record, ensure_ascii=False), flush=True)
     return 0
+
+
+def console_main() -> None:
+    """Console-script form of ``launch/evaluate.py`` (one-line errors, exit code 2)."""
+    from megatron_bloom.cli import entry_point
+
+    entry_point(main)()

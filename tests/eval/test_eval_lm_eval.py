@@ -116,6 +116,16 @@ def test_per_sample_results_equal_lm_eval_hf(tiny, tmp_path):
     for a, b in rolls:
         assert float(b["filtered_resps"][0]) == pytest.approx(float(a["filtered_resps"][0]), rel=LL_RTOL, abs=LL_ATOL)
     assert len(rolls) == len(DOCS)
+    # evaluate.py's perplexity at stride = max_length uses the same windows as lm-eval's rolling
+    # log-likelihood, so its per-document NLL is lm-eval's too.
+    from megatron_bloom.evaluation.data import Document
+    from megatron_bloom.evaluation.loading import load_for_eval
+    from megatron_bloom.evaluation.perplexity import evaluate_perplexity
+
+    ppl = evaluate_perplexity(load_for_eval(str(tiny["hf"])), [Document(d["text"], None, 0) for d in DOCS],
+                              MAX_LENGTH, MAX_LENGTH, batch_size=BATCH)
+    assert [-nll for nll in ppl.document_nll] == pytest.approx([float(a["filtered_resps"][0]) for a, _ in rolls],
+                                                               rel=LL_RTOL, abs=LL_ATOL)
     gens = list(zip(_samples(hf, "tiny_gen"), _samples(ours, "tiny_gen"), strict=True))
     assert [b["filtered_resps"] for _, b in gens] == [a["filtered_resps"] for a, _ in gens]
     assert stop not in gens[0][1]["filtered_resps"][0]  # cut at the stop string
