@@ -1,4 +1,5 @@
-"""Checkpoints: save/commit/load in Megatron-DeepSpeed's layout, and layout changes on resume."""
+"""Checkpoints: save/commit/load in Megatron-DeepSpeed's layout, layout changes on resume, and
+conversion to and from transformers folders and original Megatron-DeepSpeed BLOOM checkpoints."""
 from .manager import CheckpointInfo, check_compatible, find_checkpoint, load_rng, save_checkpoint, tag_for
 from .universal import convert_to_universal, universal_checkpoint_info
 
@@ -12,3 +13,5 @@ __all__ = [
     "tag_for",
     "universal_checkpoint_info",
 ]
+# hf.py (transformers folders), native.py (weights-only native checkpoints, merged reads) and
+# megatron_deepspeed.py import transformers/safetensors: import them from their modules.

@@ -48,7 +48,7 @@ def micro_batches(step, gbs, mbs, dp, dp_rank):
     return out
 
 
-def train(tp, pp, zero, steps, **kw):
+def _build_and_train(tp, pp, zero, steps, **kw):
     from megatron_bloom.training.engine import BloomEngine
 
     cfg = tiny_config(tp, pp, zero, **kw)
@@ -61,7 +61,11 @@ def train(tp, pp, zero, steps, **kw):
         batches = micro_batches(step, t.global_batch_size, t.micro_batch_size, state.dims.dp, state.dp_rank)
         r = engine.train_step(batches if engine.reads_data else [])
         results.append((r.loss, r.grad_norm, r.skipped))
-    return results
+    return engine, state, results
+
+
+def train(tp, pp, zero, steps, **kw):
+    return _build_and_train(tp, pp, zero, steps, **kw)[2]
 
 
 def train_without_owner_marks(tp, pp, zero, steps, **kw):
@@ -74,18 +78,7 @@ def train_without_owner_marks(tp, pp, zero, steps, **kw):
 
 def train_and_check_replicas(tp, pp, zero, steps, **kw):
     """Train, then report whether tied embedding copies and TP-replicated parameters are bitwise equal."""
-    from megatron_bloom.training.engine import BloomEngine
-
-    cfg = tiny_config(tp, pp, zero, **kw)
-    validate_config(cfg, dist.get_world_size())
-    state = init_distributed(tp, pp, backend="gloo")
-    engine = BloomEngine(cfg, state)
-    t = cfg.training
-    results = []
-    for step in range(steps):
-        batches = micro_batches(step, t.global_batch_size, t.micro_batch_size, state.dims.dp, state.dp_rank)
-        r = engine.train_step(batches if engine.reads_data else [])
-        results.append((r.loss, r.grad_norm, r.skipped))
+    engine, state, results = _build_and_train(tp, pp, zero, steps, **kw)
 
     def all_equal(tensor, group, ranks):
         parts = [torch.empty_like(tensor) for _ in ranks]
