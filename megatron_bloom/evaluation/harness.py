@@ -4,7 +4,7 @@
         --tasks xcopa,flores --batch_size 8 --log_samples --output_path results/
 
 ``model_args``: ``load`` (native checkpoint at any TP/PP, or a transformers folder; required),
-``tokenizer`` (folder; default the checkpoint's own), ``batch_size``, ``max_length`` (tokens per
+``tokenizer`` (folder; default the checkpoint's own), ``batch_size`` (wins over ``--batch_size``), ``max_length`` (tokens per
 forward pass; default the tokenizer's model_max_length, else the checkpoint's seq_length),
 ``max_gen_toks`` (256), ``dtype`` (fp32/fp16/bf16), ``attention_impl`` (sdpa/eager), ``device``,
 ``add_bos_token``, ``prefix_token_id``.
@@ -32,6 +32,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
 from lm_eval.models.utils import postprocess_generated_text
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from megatron_bloom.cli import UserError
@@ -88,11 +89,24 @@ class MegatronBloomLM(TemplateLM):
         self.em = load_for_eval(str(load), tokenizer, dtype, attention_impl, device)
         self.tokenizer = self.em.tokenizer
         self._device = self.em.device
-        self._max_length = _int_arg("max_length", max_length) if max_length is not None else self.em.default_max_length()
+        self._max_length = (_int_arg("max_length", max_length) if max_length is not None
+                            else self.em.default_max_length())
         self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
         self.add_bos_token = add_bos_token
-        self._prefix = _int_arg("prefix_token_id", prefix_token_id) if prefix_token_id is not None else self.em.prefix_id("bos")
+        self._prefix = (_int_arg("prefix_token_id", prefix_token_id) if prefix_token_id is not None
+                        else self.em.prefix_id("bos"))
         self._load = str(load)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "MegatronBloomLM":
+        """``model_args`` win over the CLI's ``--batch_size``/``--device``, which lm-eval always passes
+        (``--batch_size`` defaults to 1), so ``model_args ...,batch_size=8`` works."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "MegatronBloomLM":
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     # ---- what lm-eval reads ------------------------------------------------------------------
 
@@ -126,8 +140,8 @@ class MegatronBloomLM(TemplateLM):
 
     # ---- tokens ------------------------------------------------------------------------------
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len: Optional[int] = None,
-                   **kwargs) -> List[int]:
+    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
+                   left_truncate_len: Optional[int] = None, **kwargs) -> List[int]:
         """The tokenizer's ``encode``, with special tokens as the ``hf`` model adds them."""
         flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
         special = {} if flag is None else {"add_special_tokens": flag}
@@ -182,7 +196,8 @@ class MegatronBloomLM(TemplateLM):
                 raise UserError(f"megatron_bloom generation does not support {', '.join(unsupported)}")
             max_ctx = self.max_length - max_gen_toks
             if max_ctx < 1:
-                raise UserError(f"max_gen_toks={max_gen_toks} leaves no room for a context in max_length={self.max_length}")
+                raise UserError(f"max_gen_toks={max_gen_toks} leaves no room for a context in "
+                                f"max_length={self.max_length}")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) or [self.prefix_token_id] for c in contexts]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             generator = torch.Generator().manual_seed(int(kwargs["seed"])) if "seed" in kwargs else None

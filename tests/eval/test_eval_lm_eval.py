@@ -18,8 +18,6 @@ from eval_helpers import REPO_ROOT, SENTENCES, write_jsonl
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf model needs it (the lm-eval[hf] extra)
 
-pytestmark = pytest.mark.slow
-
 MAX_LENGTH = 24
 MAX_GEN_TOKS = 10
 BATCH = 3
@@ -71,6 +69,7 @@ def _samples(out_dir, task):
         return sorted((json.loads(line) for line in fh), key=lambda s: s["doc_id"])
 
 
+@pytest.mark.slow
 def test_per_sample_results_equal_lm_eval_hf(tiny, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -129,3 +128,21 @@ def test_per_sample_results_equal_lm_eval_hf(tiny, tmp_path):
     gens = list(zip(_samples(hf, "tiny_gen"), _samples(ours, "tiny_gen"), strict=True))
     assert [b["filtered_resps"] for _, b in gens] == [a["filtered_resps"] for a, _ in gens]
     assert stop not in gens[0][1]["filtered_resps"][0]  # cut at the stop string
+
+
+def test_model_args(tiny):
+    import torch
+
+    from megatron_bloom.cli import UserError
+    from megatron_bloom.evaluation.harness import MegatronBloomLM
+
+    cli = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # what lm-eval's CLI passes by default
+    lm = MegatronBloomLM.create_from_arg_string(f"load={tiny['native']},batch_size=3,max_length=20", cli)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # no CUDA: falls back to the CPU as hf does
+    assert (lm.batch_size, lm.max_length, lm.max_gen_toks, str(lm.device)) == (3, 20, 256, device)
+    assert (lm.prefix_token_id, lm.eot_token_id) == (1, 2)  # <s>, </s> of the checkpoint's own tokenizer
+    assert MegatronBloomLM.create_from_arg_string(f"load={tiny['hf']}", {"batch_size": 4}).max_length == 2048
+    with pytest.raises(UserError, match="unknown model_args for megatron_bloom: pretrained"):
+        MegatronBloomLM.create_from_arg_string(f"load={tiny['hf']},pretrained=x", cli)
+    with pytest.raises(UserError, match="integer batch size, not 'auto'"):
+        MegatronBloomLM.create_from_arg_string(f"load={tiny['hf']}", {"batch_size": "auto"})
