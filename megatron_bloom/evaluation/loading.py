@@ -6,6 +6,7 @@ default window length and the checkpoint's iteration (the TensorBoard step of it
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -28,7 +29,7 @@ class EvalModel:
     eos_id: Optional[int]
     pad_id: int
     seq_length: int
-    """The checkpoint's training sequence length (from its config)."""
+    """The checkpoint's training sequence length (see ``_seq_length``)."""
     iteration: int
     """Training iteration of a native checkpoint, 0 for a transformers folder."""
     device: torch.device
@@ -52,6 +53,21 @@ class EvalModel:
         if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
             return limit
         return self.seq_length
+
+
+HF_DEFAULT_MAX_LENGTH = 2048
+"""Window of a transformers folder whose config and tokenizer name no length (lm-eval's default)."""
+
+
+def _seq_length(path: str, configured: int) -> int:
+    """A native checkpoint's training seq_length; a transformers folder's ``seq_length`` if its
+    config.json has one (BLOOM's names no other length key), else ``HF_DEFAULT_MAX_LENGTH``."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return configured
+    with open(config, encoding="utf-8") as fh:
+        value = json.load(fh).get("seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else HF_DEFAULT_MAX_LENGTH
 
 
 def _iteration(path: str) -> int:
@@ -102,4 +118,4 @@ def load_for_eval(
     except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without it
         raise UserError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0][:200]})") from None
     return EvalModel(model=model.eval(), tokenizer=tok, bos_id=bos, eos_id=eos, pad_id=pad,
-                     seq_length=loaded.config.seq_length, iteration=_iteration(load), device=dev)
+                     seq_length=_seq_length(load, loaded.config.seq_length), iteration=_iteration(load), device=dev)

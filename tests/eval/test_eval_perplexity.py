@@ -134,3 +134,19 @@ def test_cli_native_tp2_equals_transformers_folder_and_logs_tensorboard(tiny, tm
         assert event.step == step
         assert event.value == pytest.approx(runs[name]["per_language"]["fr"]["byte_ppl"], rel=1e-6)
         assert runs[name]["tensorboard"]["step"] == step
+
+
+def test_default_max_length(tiny, tmp_path):
+    """The tokenizer's model_max_length, else the folder's seq_length, else 2048 (lm-eval's default)."""
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny["hf"], folder)
+    assert load_for_eval(str(folder)).default_max_length() == 2048  # tokenizer_config.json says so
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg.pop("model_max_length")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    assert load_for_eval(str(folder)).default_max_length() == 2048  # nothing set: lm-eval's default
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "seq_length": 64}))
+    assert load_for_eval(str(folder)).default_max_length() == 64
