@@ -29,6 +29,11 @@ def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = Tr
     cfg = parse_config(argv)
     world_size = world_size_from_env()
     validate_config(cfg, world_size, for_training=for_training)
+    if for_training:
+        # The schedule's own unit checks (iterations vs samples) also run before any process group.
+        from megatron_bloom.training.schedules import LearningRateSchedule
+
+        LearningRateSchedule.from_config(cfg.training)
     return cfg, world_size
 
 

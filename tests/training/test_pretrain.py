@@ -144,3 +144,21 @@ def test_kill_switch_exit_interval_and_skip_ranges(corpus, tmp_path):
     switch.write_text("")
     p = pretrain(1, *data_args(corpus), "--train-iters", "12", "--load", str(ckpt), "--kill-switch-path", str(switch))
     assert p.returncode == 2 and "kill switch" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_batch_size_rampup_same_curve_at_dp1_and_dp2(corpus, tmp_path):
+    """--rampup-batch-size changes the accumulation steps of the live engine; DP=2 must follow DP=1."""
+    ramp = ["--rampup-batch-size", "4", "4", "24", "--train-samples", "64", "--eval-interval", "1000",
+            "--lr-warmup-iters", "0", "--lr-warmup-samples", "8"]
+    curves = {}
+    for nproc in (1, 2):
+        tb = tmp_path / f"tb{nproc}"
+        p = pretrain(nproc, *data_args(corpus), *ramp, "--tensorboard-dir", str(tb))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        curves[nproc] = (scalars(str(tb), LOSS), scalars(str(tb), "batch-size/batch-size"))
+    losses1, batches1 = curves[1]
+    losses2, batches2 = curves[2]
+    assert [batches1[i] for i in sorted(batches1)] == [4] * 6 + [8] * 5  # 4 until 24 samples, then 8
+    assert batches2 == batches1 and sorted(losses2) == sorted(losses1)
+    for it in losses1:
+        assert math.isclose(losses1[it], losses2[it], rel_tol=2e-5), (it, losses1[it], losses2[it])
