@@ -30,11 +30,14 @@ setup(
     extras_require={
         "wandb": ["wandb>=0.16"],
         # dev installs the optional integrations too, so their tests run rather than skip.
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14", "wandb>=0.16"],
+        "eval": ["lm-eval[hf]==0.4.13"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14", "wandb>=0.16", "lm-eval[hf]==0.4.13"],
     },
     entry_points={
         "console_scripts": [
             "megatron-bloom-pretrain=megatron_bloom.cli:pretrain_main",
+            "megatron-bloom-evaluate=megatron_bloom.evaluation.cli:console_main",
+            "megatron-bloom-lm-eval=megatron_bloom.evaluation.harness:cli_main",
         ],
     },
 )
