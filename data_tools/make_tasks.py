@@ -5,7 +5,8 @@
 writes ``tasks/train/<lang>/<task>.jsonl`` and ``tasks/heldout/<lang>/<task>.jsonl`` with rows
 ``{"inputs", "targets", "language", "dataset", "template"}`` (targets carry no leading space:
 preprocess with ``--prepend-space``), and with ``--corpus FILE`` a plain-text jsonl (``text``) in
-the same languages for pretraining a model that has seen the words. Tasks, per language:
+the same languages for pretraining a model that has seen the words (see ``corpus_texts``).
+Tasks, per language:
 
     translate   "Translate to French: one two"     -> "un deux"       (number words 0-10, 1-3 of them)
     add         "Compute: 3 + 4 ="                 -> "7"             (digits 0-9)
@@ -113,16 +114,26 @@ def make_rows(tasks: Sequence[str], languages: Sequence[str], split_items_of: Di
 
 
 def corpus_texts(languages: Sequence[str], count: int, rng: np.random.RandomState) -> List[str]:
-    """Plain text in the task languages: counting runs and random number-word lists."""
+    """Plain text in the task languages, the kind of thing a pretraining corpus teaches:
+
+    counting runs ("trois quatre cinq"), repeated word lists ("two nine, two nine": where copying
+    pays off), and glossary lines pairing a number word across languages ("sept = seven").
+    """
     texts = []
     for _ in range(count):
         lang = languages[rng.randint(len(languages))]
         words = NUMBERS[lang]
-        if rng.rand() < 0.5:
+        kind = rng.randint(3)
+        if kind == 0:
             start = rng.randint(0, 8)
             text = " ".join(words[start:start + rng.randint(3, 11 - start + 1)])
+        elif kind == 1:
+            run = " ".join(words[i] for i in rng.randint(0, 11, size=rng.randint(1, 5)))
+            text = ", ".join([run] * rng.randint(2, 4))
         else:
-            text = " ".join(words[i] for i in rng.randint(0, 11, size=rng.randint(3, 9)))
+            other = languages[rng.randint(len(languages))]
+            i = rng.randint(11)
+            text = f"{words[i]} = {NUMBERS[other][i]}"
         texts.append(text + ".")
     return texts
 
