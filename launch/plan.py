@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Plan a BLOOM layout before asking for nodes: parameters, memory per GPU, bubble, traffic, speed.
+
+    python launch/plan.py --model bloom-176b --nodes 48 --gpus-per-node 8 --gpu a100-80g \
+        --tp 4 --pp 12 --micro-batch-size 2 --global-batch-size 2048 --zero-stage 1 --checkpoint-activations
+    python launch/plan.py --model bloom-176b --nodes 48 --gpus-per-node 8 --global-batch-size 2048 --search
+    python launch/plan.py --published bloom-176b            # BigScience's own layout
+    python launch/plan.py --model configs/bloom-176b.yaml --nodes 48 --gpus-per-node 8
+
+``--model`` is a name from NAMED_MODELS or a YAML config (its parallel/training sections give the
+defaults; flags override). The layout is checked with the trainer's own ``validate_config``; the
+exit code is 0 when it fits, 2 with one ``error:`` line when it is invalid or does not fit, so
+sbatch scripts call this first. ``--json`` ends the output with one JSON object.
+``--measure`` (under torchrun or alone, on CPU) also builds the engine for the layout and prints
+the bytes it holds next to the prediction.
+"""
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_bloom.cli import EXIT_USER_ERROR, fail  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="NAMED_MODELS name (bloom-560m ... bloom-176b, tiny) or a YAML config file")
+    p.add_argument("--published", help="start from BigScience's published layout for this run "
+                                       "(bloom-560m ... bloom-176b, bloomz-7b1); other flags override it")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--gpu", help="a100-40g, a100-80g (default), h100-80g, h200, v100-16g, v100-32g or cpu")
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int)
+    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--zero-stage", type=int)
+    p.add_argument("--checkpoint-activations", action="store_true", default=None)
+    p.add_argument("--no-checkpoint-activations", dest="checkpoint_activations", action="store_false")
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+    p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
+    p.add_argument("--pp-partition-method")
+    p.add_argument("--search", action="store_true", help="rank every feasible layout (fixed flags narrow it)")
+    p.add_argument("--top", type=int, default=15, help="layouts shown by --search")
+    p.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    g = p.add_argument_group("assumptions")
+    g.add_argument("--mfu", type=float, default=0.5, help="fraction of peak FLOPs the matmuls reach (0.5)")
+    g.add_argument("--memory-headroom", type=float, default=0.1, help="fraction of device memory kept free (0.1)")
+    g.add_argument("--gpu-memory-gib", type=float, help="override the device memory")
+    g.add_argument("--intra-node-gbps", type=float, help="override NVLink GB/s per GPU")
+    g.add_argument("--inter-node-gbps", type=float, help="override network GB/s per GPU")
+    p.add_argument("--measure", action="store_true",
+                   help="also build the engine here (CPU, gloo; world size from torchrun) and compare its bytes")
+    return p
+
+
+def _resolve(args):
+    """(model config, cluster, layout, assumptions, search options) from flags, YAML and the published table."""
+    from megatron_bloom.config import ConfigError, parse_config
+    from megatron_bloom.models.bloom.configs import NAMED_MODELS, named_model_config
+    from megatron_bloom.planning import PUBLISHED, Assumptions, Cluster, Layout, accelerator
+
+    base = {}
+    model = None
+    if args.published:
+        if args.published not in PUBLISHED:
+            raise ConfigError(f"unknown --published '{args.published}'; known: {', '.join(PUBLISHED)}")
+        pub = PUBLISHED[args.published]
+        base = dict(nodes=pub.nodes, gpus_per_node=pub.gpus_per_node, gpu=pub.gpu,
+                    tp=pub.tensor_model_parallel_size, pp=pub.pipeline_model_parallel_size,
+                    micro_batch_size=pub.micro_batch_size, global_batch_size=pub.global_batch_size,
+                    zero_stage=pub.zero_stage, checkpoint_activations=pub.checkpoint_activations,
+                    precision=pub.precision)
+        model = named_model_config(pub.model_name)
+    if args.model:
+        if args.model in NAMED_MODELS:
+            model = named_model_config(args.model)
+        elif os.path.isfile(args.model):
+            cfg = parse_config(["--config", args.model])
+            model = cfg.model
+            p, t = cfg.parallel, cfg.training
+            base.update(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                        micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                        zero_stage=p.zero_stage, checkpoint_activations=cfg.model.checkpoint_activations,
+                        precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
+                        pp_partition_method=p.pp_partition_method)
+        else:
+            raise ConfigError(f"--model '{args.model}' is neither a known name ({', '.join(NAMED_MODELS)}) "
+                              f"nor an existing YAML file")
+    if model is None:
+        raise ConfigError("give --model NAME|CONFIG or --published NAME")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    merged = {**base, **given}
+    for required in ("nodes", "gpus_per_node"):
+        if required not in merged:
+            raise ConfigError(f"give --{required.replace('_', '-')}")
+    if "seq_length" in merged:
+        model.seq_length = merged["seq_length"]
+    try:
+        acc = accelerator(merged.get("gpu", "a100-80g"), merged.get("gpu_memory_gib"), merged.get("intra_node_gbps"),
+                          merged.get("inter_node_gbps"))
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    cluster = Cluster(merged["nodes"], merged["gpus_per_node"], acc)
+    tp, pp, mbs = merged.get("tp", 1), merged.get("pp", 1), merged.get("micro_batch_size", 1)
+    gbs = merged.get("global_batch_size")
+    if gbs is None and args.search:
+        name = model.model_name
+        gbs = PUBLISHED[name].global_batch_size if name in PUBLISHED else None
+        if gbs is None:
+            raise ConfigError("--search needs --global-batch-size")
+    if gbs is None:
+        world = cluster.world_size
+        gbs = mbs * max(world // max(tp * pp, 1), 1)  # no accumulation
+    layout = Layout(tp, pp, mbs, gbs, merged.get("zero_stage", 1), bool(merged.get("checkpoint_activations", False)),
+                    merged.get("precision", "bf16" if acc.supports_bf16 else "fp16"),
+                    merged.get("pp_partition_method", "type:transformer|embedding"))
+    assumptions = Assumptions(mfu=args.mfu, memory_headroom=args.memory_headroom)
+    return model, cluster, layout, assumptions
+
+
+def _search(args, model, cluster, layout, assumptions):
+    from megatron_bloom.planning import search
+
+    fixed = lambda name: name in vars(args) and getattr(args, name) is not None  # noqa: E731
+    return search(
+        model, cluster, layout.global_batch_size, assumptions, precision=layout.precision,
+        tp=layout.tensor_model_parallel_size if fixed("tp") else None,
+        pp=layout.pipeline_model_parallel_size if fixed("pp") else None,
+        micro_batch_sizes=[layout.micro_batch_size] if fixed("micro_batch_size") else None,
+        zero_stages=[layout.zero_stage] if fixed("zero_stage") else None,
+        recompute=[layout.checkpoint_activations] if fixed("checkpoint_activations") else None,
+        pp_partition_method=layout.pp_partition_method,
+    )
+
+
+def main(argv=None) -> int:
+    from megatron_bloom.config import ConfigError
+    from megatron_bloom.planning import estimate
+    from megatron_bloom.planning.report import layout_key, search_table, text, to_dict
+
+    args = build_parser().parse_args(argv)
+    try:
+        model, cluster, layout, assumptions = _resolve(args)
+    except ConfigError as exc:
+        fail(str(exc))
+    result = estimate(model, cluster, layout, assumptions)
+    out = to_dict(result)
+    print(text(result))
+    code = 0 if result.feasible else EXIT_USER_ERROR
+    if args.search:
+        found = _search(args, model, cluster, layout, assumptions)
+        print(search_table(found, args.top))
+        out["search"] = [layout_key(e) for e in found]
+        if not found:
+            code = EXIT_USER_ERROR
+    if args.measure:
+        from megatron_bloom.planning.compare import measure_and_compare
+
+        out["measured"] = measure_and_compare(result)
+        if out["measured"] is None:  # not rank 0
+            return 0
+    if args.json:
+        print(json.dumps(out))
+    if code:
+        reason = "; ".join(result.problems) if result.problems else "no feasible layout found"
+        print(f"error: {model.model_name or 'model'} on {cluster.nodes} x {cluster.gpus_per_node} "
+              f"{cluster.accelerator.name}: {reason}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
