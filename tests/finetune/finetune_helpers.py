@@ -93,3 +93,20 @@ def target_loss(checkpoint: str, tokenizer_dir: str, rows: List[dict]) -> float:
             total -= sum(lp)
             count += len(lp)
     return total / count
+
+
+def packed_pairs_loss(checkpoint: str, paired, pairs) -> float:
+    """Token-mean target loss of the given pairs (repeats counted), each scored alone and unpacked."""
+    import torch
+
+    from megatron_bloom.generation import load_model, prompt_logprobs
+
+    model = load_model(checkpoint).model
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in pairs:
+            inp, tgt = paired.inputs(i).tolist(), paired.targets(i).tolist()
+            lp = prompt_logprobs(model, inp + tgt)[len(inp) - 1:]
+            total -= sum(lp)
+            count += len(lp)
+    return total / count
