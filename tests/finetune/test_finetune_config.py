@@ -12,7 +12,7 @@ BASE = ["--train-iters", "2", "--data-path", "unused"]
 
 @pytest.fixture(autouse=True)
 def one_process(monkeypatch):
-    for k in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(k, raising=False)
 
 
@@ -52,3 +52,16 @@ def test_bad_overlong_and_finetune_flags_in_pretraining():
 
     with pytest.raises(UserError, match="launch/finetune.py"):
         pretrain(parse_config(BASE + ["--pretrained", "x"]))
+
+
+@pytest.mark.parametrize("name, world", [("finetune-demo.yaml", 4), ("bloomz-7b1.yaml", 32)])
+def test_shipped_configs_validate(repo_root, monkeypatch, name, world):
+    import os
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg, _ = resolve_finetune_config(["--config", os.path.join(repo_root, "configs", name), "--data-path", "x"])
+    assert cfg.parallel.data_parallel_size * cfg.parallel.tensor_model_parallel_size \
+        * cfg.parallel.pipeline_model_parallel_size == world
+    if name == "bloomz-7b1.yaml":
+        assert cfg.finetune.norm_target_loss and cfg.training.lr == 2e-5 and cfg.model.num_layers == 30
