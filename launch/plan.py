@@ -38,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int)
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--rampup-batch-size", type=int, nargs=3, metavar=("START", "INCREMENT", "SAMPLES"),
+                   help="batch-size ramp-up, checked like the trainer checks it")
     p.add_argument("--zero-stage", type=int)
     p.add_argument("--checkpoint-activations", action="store_true", default=None)
     p.add_argument("--no-checkpoint-activations", dest="checkpoint_activations", action="store_false")
     p.add_argument("--seq-length", type=int)
+    arch = p.add_argument_group("architecture overrides (the trainer's flags; applied to --model)")
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--vocab-size"):
+        arch.add_argument(flag, type=int)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
@@ -76,7 +81,7 @@ def _resolve(args):
                     tp=pub.tensor_model_parallel_size, pp=pub.pipeline_model_parallel_size,
                     micro_batch_size=pub.micro_batch_size, global_batch_size=pub.global_batch_size,
                     zero_stage=pub.zero_stage, checkpoint_activations=pub.checkpoint_activations,
-                    precision=pub.precision)
+                    precision=pub.precision, rampup_batch_size=pub.rampup_batch_size)
         model = named_model_config(pub.model_name)
     if args.model:
         if args.model in NAMED_MODELS:
@@ -89,7 +94,7 @@ def _resolve(args):
                         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
                         zero_stage=p.zero_stage, checkpoint_activations=cfg.model.checkpoint_activations,
                         precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
-                        pp_partition_method=p.pp_partition_method)
+                        pp_partition_method=p.pp_partition_method, rampup_batch_size=t.rampup_batch_size)
         else:
             raise ConfigError(f"--model '{args.model}' is neither a known name ({', '.join(NAMED_MODELS)}) "
                               f"nor an existing YAML file")
@@ -100,10 +105,14 @@ def _resolve(args):
     for required in ("nodes", "gpus_per_node"):
         if required not in merged:
             raise ConfigError(f"give --{required.replace('_', '-')}")
-    if "seq_length" in merged:
-        model.seq_length = merged["seq_length"]
+    for name in ("seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        if name in merged:
+            setattr(model, name, merged[name])
+    memory = merged.get("gpu_memory_gib")
+    if merged.get("gpu") == "cpu" and memory is None:
+        memory = accelerator("cpu").memory_gib / merged["gpus_per_node"]  # ranks of a node share its RAM
     try:
-        acc = accelerator(merged.get("gpu", "a100-80g"), merged.get("gpu_memory_gib"), merged.get("intra_node_gbps"),
+        acc = accelerator(merged.get("gpu", "a100-80g"), memory, merged.get("intra_node_gbps"),
                           merged.get("inter_node_gbps"))
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
@@ -120,7 +129,8 @@ def _resolve(args):
         gbs = mbs * max(world // max(tp * pp, 1), 1)  # no accumulation
     layout = Layout(tp, pp, mbs, gbs, merged.get("zero_stage", 1), bool(merged.get("checkpoint_activations", False)),
                     merged.get("precision", "bf16" if acc.supports_bf16 else "fp16"),
-                    merged.get("pp_partition_method", "type:transformer|embedding"))
+                    merged.get("pp_partition_method", "type:transformer|embedding"),
+                    tuple(merged["rampup_batch_size"]) if merged.get("rampup_batch_size") else None)
     assumptions = Assumptions(mfu=args.mfu, memory_headroom=args.memory_headroom)
     return model, cluster, layout, assumptions
 

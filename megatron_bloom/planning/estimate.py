@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_bloom.config import ConfigError, RunConfig, validate_config
 from megatron_bloom.config.schema import ModelConfig
@@ -41,6 +41,8 @@ class Layout:
     precision: str = "bf16"
     """bf16, fp16 or fp32."""
     pp_partition_method: str = "type:transformer|embedding"
+    rampup_batch_size: Optional[Tuple[int, int, int]] = None
+    """START INCREMENT SAMPLES; validated like the trainer does (memory is planned at the full batch)."""
 
     def short(self, dp: int) -> str:
         return (f"TP={self.tensor_model_parallel_size} PP={self.pipeline_model_parallel_size} DP={dp} "
@@ -93,6 +95,7 @@ def run_config(model: ModelConfig, layout: Layout) -> RunConfig:
     p.zero_stage = layout.zero_stage
     p.pp_partition_method = layout.pp_partition_method
     t.micro_batch_size, t.global_batch_size = layout.micro_batch_size, layout.global_batch_size
+    t.rampup_batch_size = list(layout.rampup_batch_size) if layout.rampup_batch_size else None
     t.bf16, t.fp16 = layout.precision == "bf16", layout.precision == "fp16"
     return cfg
 

@@ -38,11 +38,16 @@ class PublishedLayout:
 
 _RAMP16 = (192, 16, 9_765_625)
 _RAMP32 = (192, 32, 9_765_625)
+# BigScience's scripts ramped bloom-560m by 16 (at DP=32) and bloom-1b7 from 192 (at micro-batch 4 x
+# DP=32 = 128). Megatron tolerated batches that micro-batch x DP does not divide; our trainer
+# refuses them, so these two use the nearest valid ramps.
+_RAMP_560M = (192, 32, 9_765_625)
+_RAMP_1B7 = (256, 128, 9_765_625)
 
 PUBLISHED: Dict[str, PublishedLayout] = {
-    "bloom-560m": PublishedLayout("bloom-560m", 8, 4, "v100-32g", 1, 1, 1, 256, "fp16", False, 1, _RAMP16, "tr11e-350M-ml"),
+    "bloom-560m": PublishedLayout("bloom-560m", 8, 4, "v100-32g", 1, 1, 1, 256, "fp16", False, 1, _RAMP_560M, "tr11e-350M-ml"),
     "bloom-1b1": PublishedLayout("bloom-1b1", 8, 4, "v100-32g", 1, 2, 1, 256, "fp16", False, 1, _RAMP16, "tr11d-760M-ml"),
-    "bloom-1b7": PublishedLayout("bloom-1b7", 16, 4, "v100-32g", 1, 2, 4, 512, "fp16", True, 1, _RAMP16, "tr11b-1B3-ml"),
+    "bloom-1b7": PublishedLayout("bloom-1b7", 16, 4, "v100-32g", 1, 2, 4, 512, "fp16", True, 1, _RAMP_1B7, "tr11b-1B3-ml"),
     "bloom-3b": PublishedLayout("bloom-3b", 32, 4, "v100-32g", 4, 4, 1, 512, "fp16", True, 1, _RAMP32, "tr11c-2B5-ml"),
     "bloom-7b1": PublishedLayout("bloom-7b1", 32, 4, "v100-32g", 4, 4, 1, 512, "fp16", True, 1, _RAMP32, "tr11f-6B3-ml"),
     "bloom-176b": PublishedLayout("bloom-176b", 48, 8, "a100-80g", 4, 12, 2, 2048, "bf16", True, 1, _RAMP16, "tr11-176B-ml"),
