@@ -172,7 +172,7 @@ cluster_pids() {
     local marked=() pid
     for pid in $(ls /proc | grep -E '^[0-9]+$'); do
         [[ $pid == "$$" ]] && continue
-        if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF "LOCAL_SLURM_CLUSTER=$dir"; then
+        if { tr '\0' '\n' < "/proc/$pid/environ"; } 2>/dev/null | grep -qxF "LOCAL_SLURM_CLUSTER=$dir"; then
             marked+=("$pid")
         fi
     done
