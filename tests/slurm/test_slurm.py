@@ -7,7 +7,8 @@ packages) and says why; anything else that goes wrong fails it.
 
 Checked: the job trains on both nodes; ``scancel --signal=USR1`` makes every rank save at the next
 step boundary and exit 3, which the launch template turns into ``scontrol requeue``; the requeued
-job resumes from that checkpoint and finishes. A job array chains two runs (the first stops at
+job resumes from that checkpoint and finishes. ``--signal=USR1@N`` with a time limit (what the
+recipes use) does the same without scancel. A job array chains two runs (the first stops at
 ``--exit-interval`` and exits 0, the second resumes) and cancels its pending third task when done.
 Every wait is bounded; the cluster, and every job process, is stopped at the end.
 """
@@ -141,3 +142,22 @@ def test_array_chains_runs_and_cancels_the_rest(cluster, slurm_corpus, tmp_path)
     assert "cancelling the pending tasks of array job" in second
     assert read(logs[2]) == ""  # never started
     assert job_field(cluster, f"{job}_3", "JobState") == "CANCELLED"
+
+
+def test_time_limit_signal_saves_and_requeues(cluster, slurm_corpus, tmp_path):
+    """#SBATCH --signal=USR1@N as the recipes use it: SLURM itself sends USR1 N seconds before the limit."""
+    out = str(tmp_path / "job-%j.out")
+    # A 2-minute limit with USR1 at 100 s before it: the signal comes 20-50 s after the start
+    # (slurmctld checks time limits about every 30 s), possibly while the ranks still start up.
+    job = submit(cluster, tmp_path, slurm_corpus, f"--output={out}", "--time=2", "--signal=USR1@100",
+                 TRAIN_ITERS="100000")
+    log_path = out.replace("%j", job)
+    try:
+        wait_for(lambda: "=== stopped for requeue" in read(log_path), 200, "the requeue line")
+        wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 60, "Restarts=1")
+    finally:
+        subprocess.run(["scancel", job], env=cluster["env"], capture_output=True, timeout=30)
+    log = read(log_path)
+    stopped = re.search(r"stopping at iteration (\d+): signal 10; exit code 3", log)
+    assert stopped, log[-4000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"global_step{stopped.group(1)}"

@@ -136,3 +136,14 @@ def test_kill_switch_stops_before_starting(tmp_path):
     assert p.returncode == 0
     assert "kill switch" in p.stdout and "+ srun" not in p.stdout
     assert "+ scancel --state=PENDING 4000" in p.stdout  # the rest of the array is cancelled too
+
+
+@pytest.mark.parametrize("limit, minutes", [("20:00:00", "1200"), ("1-02:03:00", "1563"), ("30:00", "30"),
+                                            ("45", "45"), ("10:30", "11"), ("UNLIMITED", "")])
+def test_time_limit_parsing(limit, minutes, tmp_path):
+    """--exit-duration-in-mins is derived from squeue's %l in every format SLURM prints."""
+    script = f'source "{REPO}/slurm/launcher.sh"; job_time_limit_minutes'
+    e = dict(os.environ, PATH=fake_bin(tmp_path, limit) + os.pathsep + os.environ["PATH"], SLURM_JOB_ID="1")
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == minutes
