@@ -86,7 +86,7 @@ data_arguments() {
 
 print_environment() {
     echo "=== $(date -Is) job ${SLURM_JOB_ID:-?} (array ${SLURM_ARRAY_JOB_ID:-none}_${SLURM_ARRAY_TASK_ID:-}, restart ${SLURM_RESTART_COUNT:-0}) on $(hostname)"
-    echo "=== nodes: ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?}); repo: $REPO; run dir: $RUN_DIR"
+    echo "=== nodes: ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-?}); repo: $REPO"
     env | grep -E '^(SLURM_|CUDA|NCCL|TORCH|MASTER_|OMP_|PYTHON|DS_|HF_|TRANSFORMERS_)' | sort | sed 's/^/    /'
     "$PYTHON" -c 'import sys, torch; print("=== python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())' || true
     if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L | sed 's/^/    /'; fi
@@ -196,8 +196,9 @@ run() {  # a command, or only its echo under DRY_RUN=1
 }
 
 launch() {
-    build_arguments
     print_environment
+    build_arguments
+    echo "=== rendezvous ${MASTER_ADDR}:${MASTER_PORT}; exit duration ${EXIT_DURATION_MINS:-none} min; run dir $RUN_DIR"
     preflight
     mkdir -p "$RUN_DIR"/{checkpoints,tensorboard,logs,requeue}
     if [[ -e $KILL_SWITCH_PATH ]]; then
