@@ -23,9 +23,6 @@ Same loop, checkpoints, stops and monitoring as pretraining (``Trainer``), with 
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
