@@ -11,13 +11,16 @@ things differ, all about SIGUSR1, the signal the recipes ask SLURM to send befor
 (``--signal=USR1@600``) and that ``scancel --signal=USR1`` sends:
 
 1. The agent never dies of it. torchrun handles TERM/INT/HUP/QUIT; USR1's default action would
-   kill the agent, and with it the rendezvous store the other nodes use. Here the agent catches
-   USR1 and forwards it to its ranks (its child processes), then again every ``--resend-seconds``
-   until they exit. (SLURM may also deliver USR1 to the ranks itself: proctrack/cgroup and
-   linuxproc signal every process of the step. A second USR1 changes nothing.)
-2. A rank starts with USR1 ignored (a one-line exec shim sets SIG_IGN, which survives exec) until
-   the trainer installs its own handler: a USR1 during start-up cannot kill it, and the resend
-   delivers it once the trainer can act on it (save at the next step boundary, exit 3).
+   kill the agent, and with it the rendezvous store the other nodes use. Here USR1 is blocked in
+   the agent and a thread takes it with ``sigwait`` and forwards it to the ranks (the agent's child
+   processes), then again every ``--resend-seconds`` until they exit. (SLURM may also deliver USR1
+   to the ranks itself: proctrack/cgroup and linuxproc signal every process of the step. A second
+   USR1 changes nothing.)
+2. No rank can die of it before the trainer listens. A rank inherits the blocked mask through fork
+   and exec, so a USR1 that arrives while it starts stays pending; a one-line exec shim in front of
+   the rank's command sets USR1 to "ignore" (which discards the pending one and survives exec) and
+   unblocks it. The trainer later installs its handler, and the resend delivers the stop request
+   then (the trainer saves at the next step boundary and exits 3).
 3. The ranks' verdict comes back. torchrun exits 1 whatever its workers returned. When the ranks
    that ended all returned EXIT_REQUEUE (3: "checkpoint saved, requeue me"), this writes
    ``--requeue-marker`` (``{node}`` replaced by SLURM_NODEID) and exits 0 - a clean stop must
@@ -27,13 +30,18 @@ things differ, all about SIGUSR1, the signal the recipes ask SLURM to send befor
 """
 from __future__ import annotations
 
-import argparse
-import os
 import signal
-import sys
-import threading
-import time
-from typing import List
+
+# First statement: from here on a USR1 waits for the receiver thread instead of killing this process
+# (what is left is the interpreter's own start-up, a few tens of milliseconds after srun starts the step).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import List  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,8 +49,12 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 EXIT_REQUEUE = 3
 """megatron_bloom.training.signals.EXIT_REQUEUE (not imported: that module starts torch.distributed)."""
 
-_IGNORE_USR1_THEN_EXEC = "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); os.execvp(sys.argv[1], sys.argv[1:])"
-"""Run as ``python -c`` in front of each rank's command: exec keeps an ignored disposition."""
+_IGNORE_USR1_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1}); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+"""Run as ``python -c`` in front of each rank's command (which starts with USR1 blocked, like the
+agent): ignore USR1 (a pending one is discarded), unblock it, exec. Exec keeps "ignored"."""
 
 
 def _log(message: str) -> None:
@@ -67,15 +79,19 @@ def _children() -> List[int]:
 
 
 class StopForwarder:
-    """Catch SIGUSR1 in the agent and pass it on to the ranks, again every ``resend`` seconds."""
+    """Take SIGUSR1 off the agent (blocked, received by a thread) and pass it on to the ranks."""
 
     def __init__(self, resend_seconds: float):
         self.resend_seconds = resend_seconds
-        self.requested = False
-        self._thread = None
+        self.requested = threading.Event()
 
     def install(self) -> None:
-        signal.signal(signal.SIGUSR1, self._handle)
+        """Call before any other thread exists: threads and children inherit the blocked mask."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        # Started with USR1 ignored, a blocked USR1 would be discarded, not queued for sigwait.
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        threading.Thread(target=self._receive, name="usr1-receiver", daemon=True).start()
+        threading.Thread(target=self._resend, name="usr1-resend", daemon=True).start()
 
     def forward(self) -> None:
         for pid in _children():
@@ -84,16 +100,17 @@ class StopForwarder:
             except ProcessLookupError:
                 pass
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if not self.requested:
-            _log("SIGUSR1: asking the ranks to save and stop")
-        self.requested = True
-        self.forward()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._resend, daemon=True)
-            self._thread.start()
+    def _receive(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGUSR1})
+            if not self.requested.is_set():
+                _log("SIGUSR1: asking the ranks to save and stop")
+            self.requested.set()
+            self.forward()
 
     def _resend(self) -> None:
+        # A rank that was still starting ignored the first one; repeat until the ranks are gone.
+        self.requested.wait()
         while True:
             time.sleep(self.resend_seconds)
             self.forward()
@@ -142,6 +159,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--resend-seconds", type=float, default=30.0,
                         help="resend SIGUSR1 to the ranks this often until they exit (default 30)")
     opts = parser.parse_args(argv[:split])
+    forwarder = StopForwarder(opts.resend_seconds)
+    forwarder.install()  # before importing torch, which may start threads
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -149,8 +168,6 @@ def main(argv: List[str]) -> int:
 
     args = parse_args(argv[split + 1:])
     _wrap_ranks(args)
-    forwarder = StopForwarder(opts.resend_seconds)
-    forwarder.install()
     try:
         run(args)
         code = 0

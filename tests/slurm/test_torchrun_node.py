@@ -81,19 +81,24 @@ def test_usr1_saves_and_exits_for_requeue(slurm_corpus, tmp_path, when):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     lines = []
     try:
+        # What SLURM does to every process of the step (proctrack/cgroup or linuxproc): the agent and the
+        # ranks all get USR1. Before the trainer listens, a rank holds or ignores it; the agent resends it.
         if when == "start-up":
-            deadline = time.monotonic() + 120
-            while len(children(proc.pid)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            ranks = children(proc.pid)
-            assert len(ranks) == 2
+            # Every 5 ms for 3 s from just after the agent started: through the ranks' fork, exec, shim
+            # and imports, the window where a default disposition would kill them.
+            time.sleep(0.3)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and proc.poll() is None:
+                for pid in [proc.pid, *children(proc.pid)]:
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.005)
         else:
             read_until(proc, lines, lambda l: (m := ITERATION.search(l)) and int(m.group(1)) >= 3, timeout=240)
-            ranks = children(proc.pid)
-        # What SLURM does to every process of the step (proctrack/cgroup or linuxproc): the agent and the
-        # ranks all get USR1. Before the trainer listens, the ranks ignore it; the agent resends it.
-        for pid in [proc.pid, *ranks]:
-            os.kill(pid, signal.SIGUSR1)
+            for pid in [proc.pid, *children(proc.pid)]:
+                os.kill(pid, signal.SIGUSR1)
         out, _ = proc.communicate(timeout=240)
         lines.append(out)
     finally:
