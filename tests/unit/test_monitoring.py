@@ -261,7 +261,8 @@ def test_wandb_offline_run_writes_the_same_metrics(tmp_path, monkeypatch):
     deadline = time.monotonic() + 60
     while True:
         history = {}
-        for rec in read_wandb_log(files[0]):
+        records = read_wandb_log(files[0])
+        for rec in records:
             if rec.WhichOneof("record_type") == "history":
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
                 history.setdefault(rec.history.step.num, {}).update(items)
