@@ -172,12 +172,17 @@ class BloomEngine:
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped, loss_scale=scale)
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: Sequence[MicroBatch]) -> float:
-        """Mean loss over micro-batches without updating anything (same on every rank)."""
+    def eval_step(self, micro_batches: Sequence[MicroBatch], num_micro_batches: Optional[int] = None) -> float:
+        """Mean loss over micro-batches without updating anything (same on every rank).
+
+        Middle pipeline stages read no data and pass an empty list: ``num_micro_batches`` tells
+        them how many micro-batches the schedule has (every stage must run the same schedule).
+        """
         self.engine.eval()
         if self.is_pipeline:
             batches = [self._to_device(b) for b in micro_batches]
-            return self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=len(batches)).item()
+            count = num_micro_batches if num_micro_batches is not None else len(batches)
+            return self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=count).item()
         total = torch.zeros((), dtype=torch.float32, device=self.state.device)
         for batch in micro_batches:
             inputs, labels = self._to_device(batch)

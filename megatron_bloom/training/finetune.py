@@ -446,7 +446,8 @@ class FinetuneTrainer(Trainer):
         try:
             for name, dataset in self.valid_ds.items():
                 self.eval_meter.reset()
-                losses = [self.engine.eval_step(self._batches(dataset, i * gbs, gbs))
+                losses = [self.engine.eval_step(self._batches(dataset, i * gbs, gbs),
+                                                gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp))
                           for i in range(self.cfg.logging.eval_iters)]
                 results[name] = sum(losses) / len(losses)
                 self._valid_groups[name] = self._reduce(self.eval_meter)

@@ -219,7 +219,8 @@ class Trainer:
             losses = []
             for i in range(self.cfg.logging.eval_iters):
                 # Evaluation reads its own dataset from the start each time: comparable numbers.
-                losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs)))
+                losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs),
+                                                    gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
             results[name] = sum(losses) / len(losses)
         return results
 

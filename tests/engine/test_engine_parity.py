@@ -37,7 +37,7 @@ def assert_same_curve(run, reference):
         assert norm is not None and math.isclose(norm, ref_norm, rel_tol=RTOL), (step, norm, ref_norm)
 
 
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)]
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (1, 3, 1)]
 
 
 @pytest.mark.parametrize("tp, pp, dp", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])

@@ -162,3 +162,11 @@ def test_batch_size_rampup_same_curve_at_dp1_and_dp2(corpus, tmp_path):
     assert batches2 == batches1 and sorted(losses2) == sorted(losses1)
     for it in losses1:
         assert math.isclose(losses1[it], losses2[it], rel_tol=2e-5), (it, losses1[it], losses2[it])
+
+
+def test_three_stages_train_and_evaluate(corpus, tmp_path):
+    """A middle pipeline stage reads no data but must run the same train and eval schedules."""
+    p = pretrain(3, *data_args(corpus), *layout(1, 3), "--train-iters", "3", "--eval-interval", "1",
+                 "--tensorboard-dir", str(tmp_path / "tb"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(scalars(str(tmp_path / "tb"), "lm-loss-validation/validation/lm loss validation")) == [1, 2, 3]
