@@ -71,6 +71,9 @@ write_config() {
     {
         echo "# Written by tests/slurm/local_cluster.sh; everything lives under $dir."
         echo "ClusterName=mblocal"
+        # Job ids start at a random offset: two test clusters on one host (parallel CI runs) must
+        # not both run a job 1, whose rendezvous port (10000 + id) and id torchrun would share.
+        echo "FirstJobId=$(( 1000 + RANDOM % 40000 ))"
         echo "SlurmctldHost=$host(127.0.0.1)"
         echo "SlurmctldPort=$ctld_port"
         echo "SlurmUser=root"

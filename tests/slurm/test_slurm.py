@@ -33,7 +33,7 @@ REQUIRED = os.environ.get("MEGATRON_BLOOM_REQUIRE_SLURM") == "1"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, request):
     if os.geteuid() != 0 and not REQUIRED:
         pytest.skip("SKIPPED (not root): the local SLURM cluster needs root to install Debian's munge/slurmctld/"
                     "slurmd/slurm-client and to run slurmd")
@@ -45,10 +45,28 @@ def cluster(tmp_path_factory):
     try:
         assert p.returncode == 0, f"local cluster did not start:\n{p.stdout}\n{p.stderr}"
         conf = dict(line.split("=", 1) for line in p.stdout.split() if "=" in line)["SLURM_CONF"]
-        yield {"root": root, "env": dict(os.environ, SLURM_CONF=conf)}
+        extensions = request.getfixturevalue("torch_extensions")  # only once the cluster is known to run
+        yield {"root": root, "env": dict(os.environ, SLURM_CONF=conf), "extensions": extensions}
     finally:
         stop = subprocess.run(["bash", CLUSTER, "stop", str(root)], capture_output=True, text=True, timeout=180)
         assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="module")
+def torch_extensions(tmp_path_factory):
+    """DeepSpeed's CPU comm op, built here into a private TORCH_EXTENSIONS_DIR before any job starts.
+
+    Jobs would otherwise build it in the shared ~/.cache on first use, and a job cancelled while
+    building leaves torch's lock file behind: every later DeepSpeed start on the machine then waits
+    on it forever (seen here when a cancelled run left one). Private and prebuilt, the jobs only load it.
+    """
+    d = str(tmp_path_factory.mktemp("torch_extensions"))
+    code = ("from deepspeed.accelerator import get_accelerator; "
+            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env=dict(os.environ, TORCH_EXTENSIONS_DIR=d, DS_ACCELERATOR="cpu"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return d
 
 
 def slurm(cluster, *args, timeout=30):
@@ -64,7 +82,8 @@ def job_field(cluster, job, name):
 
 def submit(cluster, tmp_path, corpus, *sbatch_args, **env):
     run_env = dict(cluster["env"], PYTHON=sys.executable, RUN_DIR=str(tmp_path / "run"), DATA_PATH=corpus["data_path"],
-                   TOKENIZER=corpus["tokenizer"], PYTHONUNBUFFERED="1", **env)
+                   TOKENIZER=corpus["tokenizer"], PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=cluster["extensions"],
+                   **env)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         run_env.pop(k, None)
     out = subprocess.run(["sbatch", "--parsable", *sbatch_args, RECIPE], capture_output=True, text=True,
