@@ -43,6 +43,8 @@ def parse_args(argv=None):
 
 
 def build_models(args):
+    from megatron_bloom.checkpoint.hf import bloom_config_from_model_config
+
     import transformers
 
     cfg = ModelConfig(
@@ -54,16 +56,7 @@ def build_models(args):
         attention_impl=args.attention_impl,
         init_method_std=0.02,
     )
-    hcfg = transformers.BloomConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        n_layer=args.num_layers,
-        n_head=args.num_attention_heads,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        attn_implementation="eager",
-        use_cache=False,
-    )
+    hcfg = bloom_config_from_model_config(cfg, attn_implementation="eager", use_cache=False)
     torch.manual_seed(0)
     ours = BloomForCausalLM(cfg)
     hf = transformers.BloomForCausalLM(hcfg)

@@ -89,6 +89,26 @@ def model_config_from_hf(values: Dict[str, Any], where: str = "config.json") -> 
     return cfg
 
 
+def bloom_config_from_model_config(model_cfg: ModelConfig, **extra: Any):
+    """transformers' ``BloomConfig`` of a ``ModelConfig`` (the inverse of ``model_config_from_hf``);
+    ``extra`` sets further BloomConfig fields (token ids, dropout overrides, attn_implementation)."""
+    from transformers import BloomConfig
+
+    values = dict(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        n_layer=model_cfg.num_layers,
+        n_head=model_cfg.num_attention_heads,
+        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
+        initializer_range=model_cfg.init_method_std,
+        apply_residual_connection_post_layernorm=model_cfg.apply_residual_connection_post_layernorm,
+        hidden_dropout=model_cfg.hidden_dropout,
+        attention_dropout=model_cfg.attention_dropout,
+    )
+    values.update(extra)
+    return BloomConfig(**values)
+
+
 def special_tokens_from_hf(values: Dict[str, Any]) -> Dict[str, Optional[int]]:
     return {k: values.get(f"{k}_token_id") for k in ("bos", "eos", "pad")}
 
@@ -231,7 +251,6 @@ def write_hf_checkpoint(
     docstring); ``dtype`` casts (None keeps the stored dtype, recorded as ``dtype`` in config.json).
     """
     from safetensors.torch import save_file
-    from transformers import BloomConfig
 
     check_state_dict(state_dict, model_cfg, "the given state dict")
     if model_cfg.ffn_size != 4 * model_cfg.hidden_size:
@@ -266,16 +285,8 @@ def write_hf_checkpoint(
     tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
     if tokenizer_dir:
         tokens.update({k: v for k, v in tokenizer_special_tokens(tokenizer_dir).items() if v is not None})
-    hf_config = BloomConfig(
-        vocab_size=model_cfg.vocab_size,
-        hidden_size=model_cfg.hidden_size,
-        n_layer=model_cfg.num_layers,
-        n_head=model_cfg.num_attention_heads,
-        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-        initializer_range=model_cfg.init_method_std,
-        apply_residual_connection_post_layernorm=model_cfg.apply_residual_connection_post_layernorm,
-        hidden_dropout=model_cfg.hidden_dropout,
-        attention_dropout=model_cfg.attention_dropout,
+    hf_config = bloom_config_from_model_config(
+        model_cfg,
         bos_token_id=tokens["bos"],
         eos_token_id=tokens["eos"],
         pad_token_id=tokens["pad"],

@@ -25,18 +25,10 @@ def tiny_config(**overrides) -> ModelConfig:
 def hf_twin(cfg: ModelConfig, seed: int = 0, initializer_range: float = 0.1):
     """A transformers BLOOM with cfg's shape; larger-than-default init so attention is peaked
     (flat attention would hide ALiBi and masking mistakes)."""
-    hcfg = transformers.BloomConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_attention_heads,
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-        apply_residual_connection_post_layernorm=cfg.apply_residual_connection_post_layernorm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        initializer_range=initializer_range,
-        attn_implementation="eager",
-    )
+    from megatron_bloom.checkpoint.hf import bloom_config_from_model_config
+
+    hcfg = bloom_config_from_model_config(cfg, hidden_dropout=0.0, attention_dropout=0.0,
+                                          initializer_range=initializer_range, attn_implementation="eager")
     torch.manual_seed(seed)
     hf = transformers.BloomForCausalLM(hcfg).eval()
     # transformers zero-inits LayerNorm affine params and biases; randomise them so the test
