@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     import torch
 
-    from megatron_bloom.generation import generate, load_model, load_tokenizer, prompt_logprobs
+    from megatron_bloom.generation import load_model, load_tokenizer
 
     loaded = load_model(args.load, dtype=args.dtype, attention_impl=args.attention_impl)
     tok_dir = args.tokenizer or loaded.tokenizer_dir
@@ -74,7 +74,13 @@ def main(argv=None) -> int:
             ids = [bos]  # an empty context is conditioned on BOS alone
         prompt_ids.append(ids)
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _print_generations(args, loaded, tokenizer, prompt_ids, eos, pad)
+
+
+def _print_generations(args, loaded, tokenizer, prompt_ids, eos, pad) -> int:
+    from megatron_bloom.generation import generate, prompt_logprobs
+
     new_ids = generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, seed=args.seed, eos_token_id=eos, pad_token_id=pad)
     for ids, new in zip(prompt_ids, new_ids):

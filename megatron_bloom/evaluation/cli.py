@@ -93,7 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from megatron_bloom.evaluation.loading import load_for_eval
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: an in-process caller keeps its own grad mode
+        return _evaluate(args, rows, metrics)
+
+
+def _evaluate(args, rows, metrics) -> int:
+    from megatron_bloom.evaluation.loading import load_for_eval
+
     em = load_for_eval(args.load, args.tokenizer, args.dtype, args.attention_impl, args.device)
     max_length = args.max_length if args.max_length is not None else em.default_max_length()
     if max_length < 1:
