@@ -10,19 +10,28 @@
         complete                            written after every rank finished
 
 A save counts only once complete on every rank: rank 0 writes ``complete`` and then moves
-``latest`` (atomically) only after a barrier that every rank reaches after its own files are on
-disk. A save killed halfway leaves ``latest`` on the previous checkpoint, which is where a
-restart resumes.
+``latest`` (atomically) only after every rank reported its own files on disk. A save killed
+halfway leaves ``latest`` on the previous checkpoint, which is where a restart resumes; the next
+save of that iteration starts from an empty folder.
+
+A save that fails on any rank (disk full, permissions) fails on every rank with the same
+one-line error: the ranks agree on the outcome after each phase instead of meeting at a bare
+barrier, so no rank is left waiting for one that gave up. The half-written folder is removed
+and ``latest`` still names the previous checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -34,6 +43,14 @@ LATEST = "latest"
 COMPLETE = "complete"
 STATE_FILE = "megatron_bloom.pt"
 TAG_RE = re.compile(r"^global_step(\d+)$")
+
+SAVE_HOOK_ENV = "MEGATRON_BLOOM_TEST_SAVE_HOOK"
+"""Fault injection for the reliability tests, read at every save (never set it in a real run).
+
+``hold@12``: rank 0 stops forever once every rank's files of global_step12 are on disk, before
+``complete`` (so a kill lands inside a save). ``ENOSPC@8:1`` (any errno name): rank 1's first
+file write of global_step8 leaves a partial file and raises that OSError, as a full disk does.
+"""
 
 
 def tag_for(iteration: int) -> str:
@@ -53,6 +70,32 @@ def _atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _read_latest(save_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(save_dir, LATEST)) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def check_save_dir(save_dir: str) -> None:
+    """Refuse an unwritable ``--save`` at start-up, before any process group or training step.
+
+    Every rank writes and removes a probe file of its own (nodes may mount the directory
+    differently). A real write is the only reliable test: ``os.access`` answers yes to root on a
+    read-only mount.
+    """
+    probe = os.path.join(save_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(probe, "w") as fh:
+            fh.write("ok\n")
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"--save {save_dir} is not writable: {_errno_text(exc)}; check its permissions and free "
+                        f"space, or point --save at another directory") from None
 
 
 @dataclass
@@ -140,29 +183,160 @@ def set_rng_state(state: Dict[str, Any], tracker=None) -> None:
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[str, Any], keep_last_k: Optional[int]) -> str:
-    """Save on every rank; returns the checkpoint path. Collective: every rank must call it."""
+    """Save on every rank; returns the checkpoint path. Collective: every rank must call it.
+
+    Raises the same ``UserError`` on every rank when a write fails on any of them; the previous
+    checkpoint is then untouched and still named by ``latest``.
+    """
     tag = tag_for(iteration)
     path = os.path.join(save_dir, tag)
     rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-        # A leftover marker from an interrupted save of the same iteration must not survive.
-        if os.path.exists(os.path.join(path, COMPLETE)):
-            os.remove(os.path.join(path, COMPLETE))
-    dist.barrier()
-    engine.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+    hook = _SaveHook.from_env(iteration, rank)
+    failure = _attempt(lambda: _prepare_folder(save_dir, tag)) if rank == 0 else None
+    _agree(failure, save_dir, tag)
+    try:
+        with hook.inject_fault():
+            engine.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as exc:
+        failure = _write_failure(exc)
+        # DeepSpeed's save ends in a barrier (it has no collective between its file writes) that
+        # the other ranks are waiting in now; meet them there, then agree on the outcome.
+        dist.barrier()
+    if failure is None:
+        failure = _attempt(lambda: _save_own_files(engine, path, rank, trainer_state))
+    # Every rank's files are on disk past this point; only then is the checkpoint complete.
+    _agree(failure, save_dir, tag)
+    hook.hold(tag)
+    failure = _attempt(lambda: _commit(save_dir, tag, keep_last_k)) if rank == 0 else None
+    _agree(failure, save_dir, tag)
+    return path
+
+
+def _prepare_folder(save_dir: str, tag: str) -> None:
+    path = os.path.join(save_dir, tag)
+    if os.path.isdir(path) and _read_latest(save_dir) != tag:
+        # A leftover of a save that never completed (killed, disk full): start from an empty
+        # folder so that no file of that attempt (maybe at another layout) sits beside the new ones.
+        shutil.rmtree(path)
+    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+    # A marker left by an earlier save of the same iteration must not survive this one.
+    if os.path.exists(os.path.join(path, COMPLETE)):
+        os.remove(os.path.join(path, COMPLETE))
+
+
+def _save_own_files(engine, path: str, rank: int, trainer_state: Dict[str, Any]) -> None:
     _atomic_torch_save(rng_state(engine.tracker), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         _atomic_torch_save(trainer_state, os.path.join(path, STATE_FILE))
-    # Every rank's files are on disk past this point; only then is the checkpoint complete.
-    dist.barrier()
-    if rank == 0:
-        _atomic_write_text(os.path.join(path, COMPLETE), tag + "\n")
-        _atomic_write_text(os.path.join(save_dir, LATEST), tag)
-        if keep_last_k:
-            prune(save_dir, keep_last_k)
-    dist.barrier()
-    return path
+
+
+def _commit(save_dir: str, tag: str, keep_last_k: Optional[int]) -> None:
+    _atomic_write_text(os.path.join(save_dir, tag, COMPLETE), tag + "\n")
+    _atomic_write_text(os.path.join(save_dir, LATEST), tag)
+    if keep_last_k:
+        prune(save_dir, keep_last_k)
+
+
+def _errno_text(exc: OSError) -> str:
+    if exc.errno is None:
+        return str(exc)
+    return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
+
+
+def _write_failure(exc: BaseException) -> Dict[str, Any]:
+    """What this rank reports when writing its files failed; re-raises anything that is not a write error."""
+    if isinstance(exc, OSError):
+        return {"rank": dist.get_rank(), "error": _errno_text(exc), "file": exc.filename}
+    # torch.save reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos ..."
+    # (its zip writer has no errno): name it as the write failure it is.
+    if isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "PytorchStreamWriter" in str(exc)):
+        return {"rank": dist.get_rank(), "error": f"torch.save failed ({str(exc).splitlines()[0]})", "file": None}
+    raise exc
+
+
+def _attempt(write) -> Optional[Dict[str, Any]]:
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        return _write_failure(exc)
+    return None
+
+
+def _agree(failure: Optional[Dict[str, Any]], save_dir: str, tag: str) -> None:
+    """Collective: every rank learns every rank's outcome; on any failure all raise the same error.
+
+    Replaces a barrier: a rank whose write failed still shows up here, so the others never wait
+    for it until the collective timeout.
+    """
+    outcomes: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, failure)
+    failed = [o for o in outcomes if o is not None]
+    if not failed:
+        return
+    first = failed[0]
+    latest = _read_latest(save_dir)
+    if dist.get_rank() == 0 and latest != tag:
+        # Nothing names the half-written folder; removing it gives back the space it took.
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+    where = f"rank {first['rank']}" + (f", {first['file']}" if first["file"] else "")
+    previous = (f"the previous checkpoint {latest} is intact and the same command resumes from it" if latest
+                else "there is no earlier checkpoint")
+    raise UserError(f"could not save checkpoint {tag} to {save_dir}: {first['error']} ({where}; "
+                    f"{_free_mb(save_dir)} MB free there); free space, check permissions, or point --save at "
+                    f"another directory; {previous}")
+
+
+def _free_mb(directory: str) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:,.0f}"
+    except OSError:
+        return "?"
+
+
+@dataclass
+class _SaveHook:
+    """The ``MEGATRON_BLOOM_TEST_SAVE_HOOK`` fault injection for this rank and save (inert by default)."""
+
+    hold_here: bool = False
+    fault_errno: Optional[int] = None
+
+    @classmethod
+    def from_env(cls, iteration: int, rank: int) -> "_SaveHook":
+        spec = os.environ.get(SAVE_HOOK_ENV, "")
+        m = re.fullmatch(r"(\w+)@(\d+)(?::(\d+))?", spec)
+        if not m or int(m.group(2)) != iteration:
+            return cls()
+        kind, target = m.group(1), int(m.group(3) or 0)
+        if target != rank:
+            return cls()
+        if kind == "hold":
+            return cls(hold_here=True)
+        return cls(fault_errno=getattr(errno, kind))
+
+    @contextlib.contextmanager
+    def inject_fault(self) -> Iterator[None]:
+        if self.fault_errno is None:
+            yield
+            return
+        real_save = torch.save
+
+        def failing_save(obj, f, *args, **kwargs):
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 partial")  # what a full disk leaves: the start of a zip file
+            raise OSError(self.fault_errno, os.strerror(self.fault_errno), f)
+
+        torch.save = failing_save
+        try:
+            yield
+        finally:
+            torch.save = real_save
+
+    def hold(self, tag: str) -> None:
+        if not self.hold_here:
+            return
+        print(f"test hook: holding {tag} before its '{COMPLETE}' marker", flush=True)
+        while True:
+            time.sleep(1)
 
 
 def complete_tags(save_dir: str) -> List[str]:
