@@ -34,7 +34,10 @@ import signal
 
 # First statement: from here on a USR1 waits for the receiver thread instead of killing this process
 # (what is left is the interpreter's own start-up, a few tens of milliseconds after srun starts the step).
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+# Only when run as the node's launcher: a process importing this module (a test) keeps its signal mask,
+# which every child it starts would otherwise inherit.
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 
 import argparse  # noqa: E402
 import os  # noqa: E402

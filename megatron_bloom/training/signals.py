@@ -27,6 +27,9 @@ class StopRequests:
     def install(self) -> "StopRequests":
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
+        # A mask inherited from the launching process (blocked signals survive fork and exec) would
+        # hold a preemption signal pending forever: the run would never save before being killed.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
         return self
 
     def uninstall(self) -> None:
