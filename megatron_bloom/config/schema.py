@@ -141,6 +141,8 @@ class TrainingConfig:
     """Iteration ranges 'START-END' whose batches are skipped (recorded by absolute sample index)."""
     kill_switch_path: Optional[str] = None
     """When this file exists the run saves and exits at the next step boundary (and does not start)."""
+    nan_policy: str = "stop"
+    """fp32/bf16: a NaN/Inf gradient on any rank either 'stop's the run before the update (naming iteration, rank and parameter) or 'skip's the update on every rank and counts it (fp16 always skips by loss scaling)."""
 
 
 @dataclass

@@ -5,14 +5,16 @@ Every message gives the numbers involved and a way to fix them, e.g.
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import List
+from typing import List, Optional
 
 from .errors import ConfigError
 from .schema import RunConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ATTENTION_IMPLS = ("sdpa", "eager")
+NAN_POLICIES = ("stop", "skip")
 
 
 def _divisors(n: int, limit: int) -> List[int]:
@@ -27,6 +29,25 @@ def _or_list(values: List[int]) -> str:
 def _multiples_near(value: int, step: int) -> str:
     lower = max(step, value // step * step)
     return _or_list(sorted({lower, lower + step}))
+
+
+def output_dir_problem(path: str) -> Optional[str]:
+    """Why the folder ``path`` could not be created or written (None when it could), without creating it.
+
+    The nearest existing ancestor decides: it must be a folder this process may write to. Checked at
+    start-up so that a typo in --save fails in a second, not at the first save hours later.
+    """
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable by this user"
+    return None
 
 
 def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) -> RunConfig:
@@ -138,6 +159,8 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
             )
     if t.lr_decay_style not in LR_DECAY_STYLES:
         raise ConfigError(f"lr_decay_style='{t.lr_decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
+    if t.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"nan_policy='{t.nan_policy}' is not one of {', '.join(NAN_POLICIES)} (--nan-policy stop|skip)")
     if t.min_lr > t.lr:
         raise ConfigError(f"min_lr={t.min_lr} is larger than lr={t.lr}; lower min_lr")
     if for_training:
@@ -147,4 +170,9 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
             raise ConfigError("rampup_batch_size needs train_samples (--train-samples), not train_iters")
     if cfg.logging.log_interval < 1 or cfg.logging.eval_interval < 1:
         raise ConfigError("log_interval and eval_interval must be >= 1")
+    if for_training:
+        for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
+            problem = output_dir_problem(path) if path else None
+            if problem:
+                raise ConfigError(f"{flag} {path} cannot be created: {problem}; choose a writable folder")
     return cfg

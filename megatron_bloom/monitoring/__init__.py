@@ -29,7 +29,7 @@ log interval      iteration-time/iteration-time (s, + vs samples, vs tokens), it
                   the interval)
 log_validation    lm-loss-validation/<group>/lm loss validation (+ vs samples, vs tokens) and
                   .../lm loss validation ppl (+ vs samples, vs tokens)
-log_memory        memory/rank <r> <name>, e.g. memory/rank 3 max rss MB
+log_memory        memory/rank <r> <name>, e.g. memory/rank 3 max rss MB, memory/rank 3 rss MB
 once              text 'arguments': the resolved config as a markdown table
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from megatron_bloom.config.errors import ConfigError
 from megatron_bloom.monitoring.console import format_memory_line, format_training_line, format_validation_block
-from megatron_bloom.monitoring.metrics import IntervalStats, IntervalSummary, max_rss_mb, perplexity
+from megatron_bloom.monitoring.metrics import IntervalStats, IntervalSummary, max_rss_mb, perplexity, rss_mb
 from megatron_bloom.monitoring.tensorboard import TensorBoardWriter
 from megatron_bloom.monitoring.wandb_writer import WandbWriter
 
@@ -53,6 +53,7 @@ __all__ = [
     "format_training_line",
     "format_validation_block",
     "max_rss_mb",
+    "rss_mb",
     "perplexity",
 ]
 
@@ -184,6 +185,7 @@ class TrainingMonitor:
         grad_norm: Optional[float] = None,
         loss_scale: Optional[float] = None,
         skipped: bool = False,
+        nan: Optional[bool] = None,
         step_time: Optional[float] = None,
         force_log: bool = False,
     ) -> Optional[str]:
@@ -191,6 +193,7 @@ class TrainingMonitor:
 
         ``consumed_samples``/``consumed_tokens`` are the totals AFTER this step. ``step_time`` (s)
         is this step's duration; leave it None to use the wall clock between console lines.
+        ``nan``: the step saw a NaN/Inf loss or gradient (None: judge from ``loss`` alone).
         Prints and returns the console line when ``iteration % log_interval == 0`` or
         ``force_log``; returns None otherwise and on non-logging ranks.
         """
@@ -198,7 +201,7 @@ class TrainingMonitor:
             return None
         samples_this_step = global_batch_size
         self.interval.add(float(loss), skipped, samples_this_step, samples_this_step * self.seq_length,
-                          self._flops(global_batch_size), step_time)
+                          self._flops(global_batch_size), step_time, nan=nan)
         s, t = consumed_samples, consumed_tokens
         values: Dict[str, float] = {
             "steps-vs-samples/y=steps,x=samples": iteration,

@@ -5,8 +5,9 @@ Per interval (the iterations since the last console line):
 - lm loss: the mean over the interval's ADVANCED iterations (skipped ones do not count, as in
   Megatron); a NaN loss in an advanced iteration (bf16 does not skip) makes the mean NaN, so it
   shows on the console instead of being hidden.
-- number of skipped / nan iterations: skipped = optimizer step skipped (fp16 overflow); nan = the
-  loss was inf or NaN, skipped or not.
+- number of skipped / nan iterations: skipped = optimizer step skipped (fp16 overflow, or a NaN/Inf
+  gradient under --nan-policy skip); nan = the loss (or, when the caller says so, a gradient) was
+  inf or NaN, skipped or not.
 - time per iteration: the interval's time divided by its iterations (advanced + skipped).
 - samples / tokens per second and TFLOPs: the interval's samples / tokens / model FLOPs over its
   time, which is Megatron's ``batch / time-per-iteration`` when the batch size is constant and
@@ -72,14 +73,15 @@ class IntervalStats:
         """True while every iteration of the interval reported its own step time."""
 
     def add(self, loss: float, skipped: bool, samples: int, tokens: int, flops: float,
-            step_seconds: Optional[float]) -> None:
+            step_seconds: Optional[float], nan: Optional[bool] = None) -> None:
+        """``nan`` None: the iteration is a nan iteration when ``loss`` is not finite."""
         self.iterations += 1
         if skipped:
             self.skipped += 1
         else:
             self.advanced += 1
             self.loss_sum += loss
-        if not math.isfinite(loss):
+        if nan or (nan is None and not math.isfinite(loss)):
             self.nan += 1
         self.samples += samples
         self.tokens += tokens
@@ -119,3 +121,17 @@ def max_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def rss_mb() -> Optional[float]:
+    """This process's resident set size now, in MB (``memory/... rss MB``); None where /proc is missing.
+
+    Sampled at every log interval, a value that keeps rising after warm-up is a leak; the peak
+    (``max_rss_mb``) cannot show that once an early spike has set it.
+    """
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            resident_pages = int(fh.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * resource.getpagesize() / (1024.0 * 1024.0)

@@ -29,6 +29,14 @@ from megatron_bloom.models.bloom.pipeline import (
     seed_layer,
 )
 from megatron_bloom.training.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
+from megatron_bloom.training.nonfinite import (
+    GradientGuard,
+    Injection,
+    NonFinite,
+    NonFiniteGradients,
+    optimizer_step_skipped,
+    parameters_in_forward_order,
+)
 from megatron_bloom.training.optimizer import build_optimizer
 
 MicroBatch = Tuple[object, Tuple[torch.Tensor, ...]]
@@ -42,8 +50,10 @@ class StepResult:
     grad_norm: Optional[float]
     """Global gradient norm before clipping (None when DeepSpeed does not report it)."""
     skipped: bool
-    """True when the optimizer step was skipped (fp16 overflow)."""
+    """True when the optimizer step was skipped (fp16 overflow, or a NaN/Inf gradient under --nan-policy skip)."""
     loss_scale: Optional[float]
+    nonfinite: Optional[NonFinite] = None
+    """Where a NaN/Inf gradient was seen first when --nan-policy skip skipped the update for it."""
 
 
 class BloomEngine:
@@ -85,6 +95,7 @@ class BloomEngine:
         module.universal_checkpoint_info = universal_checkpoint_info(m)
         self.module = module
         optimizer = build_optimizer(module, cfg.training)
+        self._torch_optimizer = optimizer
         self.ds_config = build_deepspeed_config(cfg)
         # Fixed at initialize time in DeepSpeed: decided before the engine exists.
         self.ds_config["checkpoint"]["load_universal"] = load_universal
@@ -101,6 +112,29 @@ class BloomEngine:
             # but throws the norm away; keep it so it can be logged like the other paths'.
             self.engine.clip_fp32_gradients = self._clip_fp32_gradients_and_record
         self._skipped_before = 0
+        # fp16's loss scaler already skips non-finite steps; the guard is for fp32 and bf16.
+        self.guard = GradientGuard(parameters_in_forward_order(self), state.rank, state.device,
+                                   check=not t.fp16, injection=Injection.from_env())
+        self._nonfinite: Optional[NonFinite] = None
+        self._deepspeed_model_step = self.engine._take_model_step
+        # Both DeepSpeed engines call this once per optimizer step on every rank (pipeline:
+        # _exec_optimizer_step; plain: step() at the accumulation boundary), with every gradient of
+        # the step computed: the one place to agree on skipping before anything is applied.
+        self.engine._take_model_step = self._guarded_model_step
+
+    def _guarded_model_step(self, lr_kwargs=None) -> None:
+        found = self._nonfinite = self.guard.agree()
+        if found is None:
+            return self._deepspeed_model_step(lr_kwargs)
+        if self.cfg.training.nan_policy == "stop":
+            it, at = self.guard.iteration, self.state.dims.coord(found.rank)
+            raise NonFiniteGradients(
+                f"iteration {it}: NaN/Inf gradient, {found} (pipeline stage {at.pp}, tensor rank {at.tp}, "
+                f"data rank {at.dp}); stopped before the update (--nan-policy stop); resume from the last "
+                f"checkpoint with --nan-policy skip or --skip-train-iteration-range {it}-{it}"
+            )
+        with optimizer_step_skipped(self._torch_optimizer):
+            self._deepspeed_model_step(lr_kwargs)
 
     def _clip_fp32_gradients_and_record(self) -> None:
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -137,12 +171,15 @@ class BloomEngine:
 
         return move(batch[0]), move(batch[1])
 
-    def train_step(self, micro_batches: Sequence[MicroBatch]) -> StepResult:
+    def train_step(self, micro_batches: Sequence[MicroBatch], iteration: Optional[int] = None) -> StepResult:
         """One optimizer step over this rank's ``gradient_accumulation_steps`` micro-batches.
 
         Only the first and last pipeline stages read data; other stages may pass an empty list.
+        ``iteration`` (1-based, as the trainer counts) names the step in NaN/Inf reports.
         """
         self.engine.train()
+        self.guard.begin_step(iteration)
+        self._nonfinite = None
         if self.is_pipeline:
             batches = [self._to_device(b) for b in micro_batches]
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
@@ -166,10 +203,12 @@ class BloomEngine:
         if isinstance(norm, torch.Tensor):
             norm = norm.item()
         skipped_total = int(getattr(self.engine, "skipped_steps", 0))
-        skipped = skipped_total > self._skipped_before
+        skipped = skipped_total > self._skipped_before or self._nonfinite is not None
         self._skipped_before = skipped_total
+        if self._nonfinite is not None:
+            norm = None  # NaN/Inf by construction; nothing was applied with it
         scale = getattr(self.optimizer, "cur_scale", None) if self.cfg.training.fp16 else None
-        return StepResult(loss=loss, grad_norm=norm, skipped=skipped, loss_scale=scale)
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped, loss_scale=scale, nonfinite=self._nonfinite)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: Sequence[MicroBatch], num_micro_batches: Optional[int] = None) -> float:

@@ -6,6 +6,7 @@ starts from scratch; otherwise the newest complete checkpoint is resumed, at the
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -31,7 +32,7 @@ from megatron_bloom.training.data import (
     parse_skip_ranges,
     skip_sample_ranges_to_add,
 )
-from megatron_bloom.monitoring.metrics import max_rss_mb
+from megatron_bloom.monitoring.metrics import max_rss_mb, rss_mb
 from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule
 from megatron_bloom.training.signals import EXIT_REQUEUE, StopRequests
 
@@ -253,15 +254,21 @@ class Trainer:
                     self.engine.set_gradient_accumulation_steps(gbs // (t.micro_batch_size * self.state.dims.dp))
                 lr = self.lr_schedule.lr(self.consumed_samples)
                 self.engine.set_learning_rate(lr)
-                result = self.engine.train_step(self._batches(self.train_ds, self.consumed_samples, gbs))
+                result = self.engine.train_step(self._batches(self.train_ds, self.consumed_samples, gbs),
+                                                iteration=self.iteration + 1)
                 elapsed = time.time() - step_start
                 self.iteration += 1
                 self.consumed_samples += gbs
                 self.consumed_tokens += gbs * cfg.model.seq_length
                 if result.skipped:
                     self.skipped_iterations += 1
-                if not torch.isfinite(torch.tensor(result.loss)):
+                # Megatron's "nan iterations": the loss or (fp32/bf16) a gradient was NaN/Inf.
+                nan = result.nonfinite is not None or not math.isfinite(result.loss)
+                if nan:
                     self.nan_iterations += 1
+                if result.nonfinite is not None:
+                    _log0(f"> iteration {self.iteration}: NaN/Inf gradient, {result.nonfinite}; update skipped on "
+                          f"every rank (--nan-policy skip; nan iterations so far: {self.nan_iterations})")
                 self.monitor.record_step(
                     self.iteration,
                     consumed_samples=self.consumed_samples,
@@ -272,11 +279,12 @@ class Trainer:
                     grad_norm=result.grad_norm,
                     loss_scale=result.loss_scale,
                     skipped=result.skipped,
+                    nan=nan,
                     step_time=elapsed,
                 )
                 self._after_step(result)
                 if self.iteration % lg.log_interval == 0:
-                    self.monitor.log_memory(self.iteration, {"max rss MB": self._memory_by_rank()})
+                    self.monitor.log_memory(self.iteration, self._memory_by_rank())
                 if self.valid_ds and self.iteration % lg.eval_interval == 0:
                     self._validate()
                 saved = False
@@ -322,11 +330,16 @@ class Trainer:
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
-    def _memory_by_rank(self):
-        mine = torch.tensor([max_rss_mb()], dtype=torch.float64)
+    def _memory_by_rank(self) -> Dict[str, list]:
+        """{"max rss MB": [per rank], "rss MB": [per rank]}: the peak, and the resident size now."""
+        now = rss_mb()
+        mine = torch.tensor([max_rss_mb(), math.nan if now is None else now], dtype=torch.float64)
         parts = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(parts, mine)
-        return [p.item() for p in parts]
+        memory = {"max rss MB": [p[0].item() for p in parts]}
+        if now is not None:
+            memory["rss MB"] = [p[1].item() for p in parts]
+        return memory
 
 
 def pretrain(cfg: RunConfig) -> int:
