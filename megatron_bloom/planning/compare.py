@@ -43,11 +43,18 @@ def measure_and_compare(e: Estimate, steps: int = 3) -> Optional[Dict]:
     row["all_states"] = {"predicted": sum(row[k]["predicted"] for k, _ in KINDS), "measured": mine.peak_total}
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
+    if rank == 0:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[e.layout.precision]
+        acts_measured = saved_activation_bytes(cfg, dtype)
+    # Every rank leaves together and tears the group down: a DeepSpeed engine still holding a live
+    # group at interpreter exit can abort the process (SIGABRT), failing the run after the work.
+    from megatron_bloom.distributed import shutdown
+
+    dist.barrier()
+    shutdown()
     if rank != 0:
         return None
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[e.layout.precision]
-    acts_measured = saved_activation_bytes(cfg, dtype)
     acts_predicted = block_activation_bytes(e.model, e.model.seq_length, e.layout.micro_batch_size, 1, e.layout.precision)
 
     print("measured on the live engine (bytes; ratio = measured / predicted)")
