@@ -31,7 +31,10 @@ setup(
         "wandb": ["wandb>=0.16"],
         # dev installs the optional integrations too, so their tests run rather than skip.
         "eval": ["lm-eval[hf]==0.4.13"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14", "wandb>=0.16", "lm-eval[hf]==0.4.13"],
+        # bench: the PNG plots of benchmarks/ (--plot DIR).
+        "bench": ["matplotlib>=3.7"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pyarrow>=14", "wandb>=0.16", "lm-eval[hf]==0.4.13",
+                "matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
