@@ -7,6 +7,12 @@ timed steps after warmup is reported.
     python benchmarks/model_step.py                 # markdown table
     python benchmarks/model_step.py --json          # ... and one JSON object as the last line
     python benchmarks/model_step.py --dtype bf16    # torch.autocast(bfloat16) for both
+    python benchmarks/model_step.py --plot bench_out  # ... and a PNG bar chart
+
+Model FLOPs use Megatron's formula (the one in the training logs); MFU is achieved model FLOP/s
+over this machine's dense matmul peak, measured in the same run (the best of several large
+square matmuls in the step's dtype on the same threads), so "peak" means what this CPU and
+torch's BLAS actually reach, not a datasheet number.
 """
 from __future__ import annotations
 
@@ -21,8 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import format_run_info, pyplot, run_info  # noqa: E402
 from megatron_bloom.config.schema import ModelConfig  # noqa: E402
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402
+from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,8 +46,25 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n matmuls that measure the peak")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="DIR", default=None, help="write a PNG bar chart into DIR")
     return p.parse_args(argv)
+
+
+def matmul_peak_flops(n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul in ``dtype`` (2 n^3 FLOPs each), after one warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
 
 def build_models(args):
@@ -95,6 +120,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     times = {name: [] for name in steps}
     losses = {name: [] for name in steps}
+    peak_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    peaks = [matmul_peak_flops(args.peak_size, peak_dtype)]
     for i in range(args.warmup + args.steps):
         tokens = torch.randint(0, args.vocab_size, (b, s + 1), generator=g)
         ids, labels = tokens[:, :-1], tokens[:, 1:]  # [b, s] each
@@ -105,6 +132,9 @@ def main(argv=None):
             losses[name].append(steps[name](ids, labels))
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+    peaks.append(matmul_peak_flops(args.peak_size, peak_dtype))  # before and after: the better of the two
+    peak = max(peaks)
+    step_flops = flops_per_iteration(b, s, args.num_layers, args.hidden_size, args.vocab_size, recompute=False)
 
     result = {
         "hidden_size": args.hidden_size,
@@ -117,27 +147,55 @@ def main(argv=None):
         "attention_impl": args.attention_impl,
         "threads": torch.get_num_threads(),
         "timed_steps": args.steps,
+        "model_flops_per_step": step_flops,
+        "matmul_peak_flops": peak,
+        "run": run_info(argv),
     }
     print(
         f"BLOOM training step, h={args.hidden_size} L={args.num_layers} heads="
         f"{args.num_attention_heads} vocab={args.vocab_size} seq={s} mbs={b} {args.dtype}, "
         f"ours attention={args.attention_impl}, torch threads={torch.get_num_threads()}\n"
     )
-    print("| model | median step (s) | min step (s) | tokens/s | first / last loss |")
-    print("|---|---|---|---|---|")
+    print("| model | median step (s) | min step (s) | tokens/s | model GFLOP/s | MFU | first / last loss |")
+    print("|---|---|---|---|---|---|---|")
     for name, label in (("ours", "megatron_bloom"), ("hf", "transformers")):
         med = statistics.median(times[name])
         tps = b * s / med
         result[f"{name}_median_step_s"] = med
         result[f"{name}_tokens_per_s"] = tps
+        result[f"{name}_mfu"] = step_flops / med / peak
         print(
-            f"| {label} | {med:.3f} | {min(times[name]):.3f} | {tps:,.0f} | "
-            f"{losses[name][0]:.4f} / {losses[name][-1]:.4f} |"
+            f"| {label} | {med:.3f} | {min(times[name]):.3f} | {tps:,.0f} | {step_flops / med / 1e9:,.1f} | "
+            f"{result[f'{name}_mfu']:.1%} | {losses[name][0]:.4f} / {losses[name][-1]:.4f} |"
         )
     result["speedup"] = result["ours_tokens_per_s"] / result["hf_tokens_per_s"]
     print(f"\nours / transformers: {result['speedup']:.2f}x")
+    print(f"MFU = model FLOP/s (Megatron's formula, {step_flops / 1e9:,.1f} GFLOP per step) / matmul peak "
+          f"{peak / 1e9:,.1f} GFLOP/s ({args.peak_size}^3 {args.dtype} matmul, measured before and after the steps)")
+    print(f"\n{format_run_info(result['run'])}")
+    if args.plot:
+        plot(result, args.plot)
     if args.json:
         print(json.dumps(result))
+
+
+def plot(result: dict, out_dir: str) -> str:
+    plt = pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
+    labels, colors = ["megatron_bloom", "transformers"], ["tab:blue", "tab:gray"]
+    ax1.bar(labels, [result["ours_tokens_per_s"], result["hf_tokens_per_s"]], color=colors)
+    ax1.set_ylabel("tokens / s (training step)")
+    ax1.set_title(f"{result['dtype']}: {result['speedup']:.2f}x")
+    ax2.bar(labels, [100 * result["ours_mfu"], 100 * result["hf_mfu"]], color=colors)
+    ax2.set_ylabel("MFU (% of measured matmul peak)")
+    ax2.set_title(f"h={result['hidden_size']} L={result['num_layers']} s={result['seq_length']} b={result['micro_batch_size']}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"model_step_{result['dtype']}_h{result['hidden_size']}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

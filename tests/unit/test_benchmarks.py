@@ -1,0 +1,47 @@
+"""The single-process benchmarks run end to end at small sizes and report what the README quotes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_json(*argv, timeout=300):
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return p.stdout, json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_model_step_reports_speed_mfu_and_plot(tmp_path):
+    out, r = run_json("benchmarks/model_step.py", "--hidden-size", "64", "--num-layers", "2", "--num-attention-heads",
+                      "4", "--vocab-size", "512", "--seq-length", "64", "--micro-batch-size", "2", "--steps", "3",
+                      "--warmup", "1", "--peak-size", "256", "--plot", str(tmp_path), "--json")
+    for key in ("ours_tokens_per_s", "hf_tokens_per_s", "speedup", "ours_mfu", "hf_mfu", "matmul_peak_flops"):
+        assert r[key] > 0, key
+    # Megatron-DeepSpeed's formula (the training logs' TFLOPs) at this size, by hand, no recompute:
+    # 24 * 3 * b s l h^2 (1 + s/6h + V/16lh).
+    b, s, l, h, v = 2, 64, 2, 64, 512
+    assert r["model_flops_per_step"] == pytest.approx(72 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h)))
+    assert r["ours_mfu"] == pytest.approx(r["model_flops_per_step"] / r["ours_median_step_s"] / r["matmul_peak_flops"])
+    assert r["ours_mfu"] < 1.0 and r["hf_mfu"] < 1.0  # the peak is a real upper bound of the step's matmuls
+    assert r["run"]["torch"] and "model_step.py" in r["run"]["command"]
+    assert "| megatron_bloom |" in out and "| transformers |" in out
+    png = tmp_path / "model_step_fp32_h64.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_data_benchmarks_report_throughput(tmp_path):
+    _, pre = run_json("benchmarks/preprocess.py", "--size-mb", "0.5", "--train-sample-mb", "0.2", "--workers", "1",
+                      "--work-dir", str(tmp_path / "pre"), "--json")
+    run = pre["runs"][0]
+    assert run["workers"] == 1 and run["tokens"] > 0 and run["tokens_per_s"] == pytest.approx(run["tokens"] / run["wall_s"])
+    _, ds = run_json("benchmarks/dataset.py", "--num-docs", "20000", "--epochs", "1.0", "--blend-samples", "20000",
+                     "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--json")
+    assert ds["index"][0]["num_docs"] == 20000 and ds["index"][0]["num_samples"] > 0
+    assert ds["read"]["samples"] == 200 and ds["read"]["samples_per_s"] > 0
