@@ -22,7 +22,9 @@ from megatron_bloom.data.indexed_dataset import (
     MMapIndexedDatasetBuilder,
     data_file_path,
     index_file_path,
+    token_stats_path,
 )
+from megatron_bloom.data.readers import InputError, make_output_dir
 
 
 def _prefix(path: str) -> str:
@@ -39,7 +41,7 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
         raise IndexedDatasetError(f"shards have different dtypes ({found}); re-run preprocess_data.py with one tokenizer")
     if _prefix(output_prefix) in prefixes:
         raise IndexedDatasetError(f"{output_prefix}: output would overwrite an input; choose another --output-prefix")
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)) or ".", exist_ok=True)
+    make_output_dir(output_prefix)
     bin_tmp, idx_tmp = data_file_path(output_prefix) + ".tmp", index_file_path(output_prefix) + ".tmp"
     builder = MMapIndexedDatasetBuilder(bin_tmp, dtypes.pop())
     done = False
@@ -49,6 +51,7 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
         builder.finalize(idx_tmp)
         if os.path.exists(index_file_path(output_prefix)):
             os.remove(index_file_path(output_prefix))  # never pair an old .idx with the new .bin
+        builder.write_token_stats(token_stats_path(output_prefix))
         os.replace(bin_tmp, data_file_path(output_prefix))
         os.replace(idx_tmp, index_file_path(output_prefix))
         done = True
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         stats = merge(args.input, args.output_prefix)
-    except (IndexedDatasetError, OSError) as e:
+    except (IndexedDatasetError, InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -36,8 +36,9 @@ from megatron_bloom.data.indexed_dataset import (
     best_dtype,
     data_file_path,
     index_file_path,
+    token_stats_path,
 )
-from megatron_bloom.data.readers import CorpusReader, InputError, check_records, parse_jsonl, read_range
+from megatron_bloom.data.readers import CorpusReader, InputError, check_records, make_output_dir, parse_jsonl, read_range
 from megatron_bloom.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ def output_prefix_for(prefix: str, key: str) -> str:
 class _Outputs:
     """Builders writing `*.tmp` files; `commit` renames them into place, `discard` deletes them."""
 
-    def __init__(self, prefix: str, keys: list[str], dtype):
+    def __init__(self, prefix: str, keys: list[str], dtype, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
         self.final = {k: output_prefix_for(prefix, k) for k in keys}
         self.builders = {k: MMapIndexedDatasetBuilder(data_file_path(p) + ".tmp", dtype) for k, p in self.final.items()}
 
@@ -117,6 +119,10 @@ class _Outputs:
         for prefix in self.final.values():
             if os.path.exists(index_file_path(prefix)):
                 os.remove(index_file_path(prefix))
+        # The largest token id, so training can refuse a model vocabulary that is too small at once.
+        for key, prefix in self.final.items():
+            self.builders[key].write_token_stats(token_stats_path(prefix), vocab_size=self.tokenizer.vocab_size,
+                                                 tokenizer=str(self.tokenizer.name_or_path))
         for prefix in self.final.values():
             os.replace(data_file_path(prefix) + ".tmp", data_file_path(prefix))
         for prefix in self.final.values():
@@ -150,8 +156,7 @@ def preprocess(args) -> dict:
     if args.append_eod and tokenizer.eod_id is None:
         raise TokenizerLoadError(f"{args.tokenizer_name_or_path}: tokenizer has no eos token to use with --append-eod")
     reader.check()
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(args.output_prefix)
     dtype = best_dtype(tokenizer.vocab_size)
 
     state = {
@@ -172,7 +177,7 @@ def preprocess(args) -> dict:
     pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(dict(state, tokenizer_json=tokenizer.to_str()),))
     previous_term = signal.signal(signal.SIGTERM, _raise_on_sigterm)
 
-    outputs = _Outputs(args.output_prefix, keys, dtype)
+    outputs = _Outputs(args.output_prefix, keys, dtype, tokenizer)
     total_bytes, total_rows = reader.total_bytes(), reader.total_rows()
     bar = tqdm(
         total=total_bytes if total_bytes is not None else total_rows,

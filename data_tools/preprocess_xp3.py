@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import numpy as np
 
 from megatron_bloom.data.indexed_dataset import IndexedDatasetError, best_dtype
-from megatron_bloom.data.readers import InputError, _text_problem
+from megatron_bloom.data.readers import InputError, _text_problem, make_output_dir
 from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer
 from megatron_bloom.data.xp3 import UNKNOWN, PairedDatasetWriter
 
@@ -120,6 +120,7 @@ def preprocess(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer_name_or_path)
     if tokenizer.eod_id is None:
         raise TokenizerLoadError(f"{args.tokenizer_name_or_path}: tokenizer has no eos token to end targets with")
+    make_output_dir(args.output_prefix)  # before any input is read: a bad folder fails in a second
     dtype = best_dtype(tokenizer.vocab_size)
     meta = {
         "tokenizer": str(args.tokenizer_name_or_path),

@@ -22,9 +22,11 @@ from megatron_bloom.cli import entry_point  # noqa: E402
 
 
 def main() -> int:
+    from megatron_bloom.data.preflight import check_training_inputs
     from megatron_bloom.training.finetune import finetune, resolve_finetune_config
 
     cfg, _ = resolve_finetune_config()
+    check_training_inputs(cfg)  # data, tokenizer, checkpoints: seconds, before any process group
     return finetune(cfg)
 
 

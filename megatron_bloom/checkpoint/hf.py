@@ -207,15 +207,25 @@ def has_tokenizer_files(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def copy_tokenizer_files(src: str, dst: str) -> List[str]:
-    """Copy a tokenizer folder's files (not weights or model configs) into ``dst``; returns names."""
+def tokenizer_files(src: str) -> List[str]:
+    """Names of a tokenizer folder's files (not weights or model configs); a UserError when it has none.
+
+    Cheap, so converters call it first: a wrong --tokenizer fails before any weight is read.
+    """
     if not os.path.isdir(src):
-        raise UserError(f"tokenizer folder {src} does not exist")
+        raise UserError(f"tokenizer folder {src} does not exist; pass the folder holding tokenizer.json "
+                        f"(e.g. from data_tools/train_tokenizer.py)")
     names = [n for n in sorted(os.listdir(src))
              if os.path.isfile(os.path.join(src, n)) and n not in _TOKENIZER_SKIP
              and not n.endswith((".safetensors", ".bin", ".pt"))]
     if not any(n.startswith("tokenizer") or n in ("vocab.json", "spiece.model") for n in names):
         raise UserError(f"{src} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    return names
+
+
+def copy_tokenizer_files(src: str, dst: str) -> List[str]:
+    """Copy a tokenizer folder's files (not weights or model configs) into ``dst``; returns names."""
+    names = tokenizer_files(src)
     os.makedirs(dst, exist_ok=True)
     for n in names:
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
@@ -261,6 +271,14 @@ def write_hf_checkpoint(
     stored = cast or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     if stored not in _DTYPE_NAMES:
         raise UserError(f"cannot export tensors of dtype {stored}; pass --dtype fp32, fp16 or bf16")
+    # Special-token ids: the copied tokenizer's, else the source checkpoint's, else BLOOM's
+    # (<unk>=0 <s>=1 </s>=2 <pad>=3), so config.json agrees with the tokenizer shipped beside it.
+    # Read before anything is written: a tokenizer that does not load leaves no half-written folder.
+    tokens = {"bos": 1, "eos": 2, "pad": 3}
+    tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+    if tokenizer_dir:
+        tokenizer_files(tokenizer_dir)
+        tokens.update({k: v for k, v in tokenizer_special_tokens(tokenizer_dir).items() if v is not None})
     os.makedirs(out_dir, exist_ok=True)
     for stale in (SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX):
         if os.path.exists(os.path.join(out_dir, stale)):
@@ -279,12 +297,6 @@ def write_hf_checkpoint(
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)
 
-    # Special-token ids: the copied tokenizer's, else the source checkpoint's, else BLOOM's
-    # (<unk>=0 <s>=1 </s>=2 <pad>=3), so config.json agrees with the tokenizer shipped beside it.
-    tokens = {"bos": 1, "eos": 2, "pad": 3}
-    tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
-    if tokenizer_dir:
-        tokens.update({k: v for k, v in tokenizer_special_tokens(tokenizer_dir).items() if v is not None})
     hf_config = bloom_config_from_model_config(
         model_cfg,
         bos_token_id=tokens["bos"],

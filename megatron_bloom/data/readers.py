@@ -38,6 +38,22 @@ class ParsedTask:
     fatal: tuple[int, str] | None = None  # first bad unit when bad ones are not skipped
 
 
+def make_output_dir(prefix: str, flag: str = "--output-prefix") -> str:
+    """Create the folder an output prefix writes into; an InputError names the prefix if it cannot be."""
+    from megatron_bloom.config.validate import output_dir_problem
+
+    folder = os.path.dirname(os.path.abspath(prefix))
+    problem = output_dir_problem(folder)
+    if problem is None:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            problem = e.strerror or str(e)
+    if problem:
+        raise InputError(f"{flag} {prefix}: cannot write there ({problem}); choose a writable folder")
+    return folder
+
+
 def detect_format(path: str) -> str:
     """'jsonl', 'jsonl.gz', 'parquet', 'arrow_dir' or 'hub'; raises InputError when nothing fits."""
     if os.path.isdir(path):

@@ -29,6 +29,7 @@ from megatron_bloom.data.indexed_dataset import (
     MMapIndexedDatasetBuilder,
     data_file_path,
     index_file_path,
+    token_stats_path,
 )
 
 PAIRS_FORMAT = "megatron-bloom-pairs"
@@ -124,7 +125,9 @@ class PairedDatasetWriter:
 
     def __init__(self, prefix: str, dtype, meta: Optional[dict] = None):
         self.prefix = prefix
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        from megatron_bloom.data.readers import make_output_dir
+
+        make_output_dir(prefix, "--output-prefix")
         self._builder = MMapIndexedDatasetBuilder(data_file_path(prefix) + ".tmp", dtype)
         self._names: Dict[str, Dict[str, int]] = {"languages": {}, "datasets": {}, "templates": {}}
         self._ids: List[np.ndarray] = []
@@ -191,6 +194,7 @@ class PairedDatasetWriter:
         for path in (pairs_meta_path(p), index_file_path(p)):
             if os.path.exists(path):
                 os.remove(path)
+        self._builder.write_token_stats(token_stats_path(p), vocab_size=self.meta.get("vocab_size"))
         for path in (data_file_path(p), pairs_ids_path(p), index_file_path(p), pairs_meta_path(p)):
             os.replace(path + ".tmp", path)
         return meta

@@ -91,8 +91,11 @@ def load_for_eval(
 
     Every failure is a ``UserError`` naming the path: a checkpoint that does not load is bad input.
     """
+    from megatron_bloom.checkpoint.hf import tokenizer_files
     from megatron_bloom.generation import load_model, load_tokenizer
 
+    if tokenizer:
+        tokenizer_files(tokenizer)  # a wrong --tokenizer fails before the model is read
     try:
         loaded = load_model(load, dtype=dtype, attention_impl=attention_impl)
     except UserError:

@@ -127,7 +127,7 @@ def test_round_trip_every_document(corpus, tokenizer, tmp_path, workers):
     np.testing.assert_array_equal(ds.doc_idx, np.arange(N_DOCS + 1))
     for i, r in enumerate(corpus["records"]):
         assert ds[i].tolist() == tokenizer.encode(r["text"]) + [tokenizer.eod_id], i
-    assert leftovers(tmp_path, "out") == ["out_text_document.bin", "out_text_document.idx"]
+    assert leftovers(tmp_path, "out") == ["out_text_document.bin", "out_text_document.idx", "out_text_document.tokens.json"]
 
 
 def test_several_json_keys_without_eod(corpus, tokenizer, tmp_path):

@@ -1,0 +1,134 @@
+"""Start-up checks of a training run's inputs: data, tokenizer and the checkpoint to resume.
+
+Run by the entry point after the configuration is validated and before any process group, model
+or DeepSpeed engine exists, so that a wrong input fails in seconds with one ``error:`` line
+instead of after the engine is built (tens of seconds to minutes at scale) or at the first bad
+batch. Every check is cheap whatever the corpus or model size:
+
+* a local ``--tokenizer-name-or-path`` loads and has no more tokens than the model's vocabulary
+  (a Hub name is not looked up: no network at start-up);
+* every data prefix opens (header, and .bin size against the .idx: no data is read);
+* its largest token id is below the model's ``vocab_size``: read from the ``PREFIX.tokens.json``
+  sidecar the preprocessing tools write, or, for data from other tools, from a scan of the
+  memory-mapped .bin when it is at most ``SCAN_LIMIT_BYTES`` (see indexed_dataset.py); larger
+  unrecorded data is left to the per-batch check of the training loop;
+* the checkpoint ``--load`` would resume has a readable state, the model's shape, and no
+  truncated ``.pt`` file; so has a native ``--pretrained`` (finetuning).
+
+Only global rank 0 runs them: the other ranks would fail the same way, and thousands of ranks
+reading the same files at once is what a shared filesystem handles worst. The launcher (torchrun,
+srun --kill-on-bad-exit) then stops the others.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Tuple
+
+from megatron_bloom.cli import UserError
+from megatron_bloom.config.schema import RunConfig
+
+
+def data_prefixes(cfg: RunConfig) -> List[Tuple[str, str]]:
+    """(flag, prefix) of every dataset the run reads, in flag order, without duplicates."""
+    from megatron_bloom.data.blends import parse_data_path, parse_weighted_split_paths
+    from megatron_bloom.data.xp3 import read_weighted_split_paths_file
+
+    d = cfg.data
+    out: List[Tuple[str, str]] = []
+    try:
+        # As training.data.build_datasets: a train group wins over --data-path, and validation
+        # groups are read only along with it.
+        if d.train_weighted_split_paths or d.train_weighted_split_paths_path:
+            for kind in ("train", "valid"):
+                flag = f"--{kind}-weighted-split-paths"
+                groups = getattr(d, f"{kind}_weighted_split_paths")
+                path = getattr(d, f"{kind}_weighted_split_paths_path")
+                if path and groups:
+                    raise UserError(f"{flag} and {flag}-path are both given; keep one")
+                if path:
+                    groups, flag = read_weighted_split_paths_file(path, flag + "-path"), flag + "-path"
+                if groups:
+                    out += [(flag, p) for g in parse_weighted_split_paths(groups, flag) for p in g.prefixes]
+        elif d.data_path:
+            out += [("--data-path", p) for p in parse_data_path(d.data_path)[0]]
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    seen, unique = set(), []
+    for flag, prefix in out:
+        if prefix not in seen:
+            seen.add(prefix)
+            unique.append((flag, prefix))
+    return unique
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Every prefix opens and holds no token id >= the model's vocab_size."""
+    from megatron_bloom.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset
+
+    vocab = cfg.model.vocab_size
+    for flag, prefix in data_prefixes(cfg):
+        try:
+            ds = MMapIndexedDataset(prefix)
+        except IndexedDatasetError as exc:
+            raise UserError(f"{flag}: {exc}") from None
+        top, _ = ds.max_token_id()
+        if top is not None and top >= vocab:
+            raise UserError(
+                f"{prefix} holds token id {top} >= vocab_size {vocab}: it was tokenized with a larger vocabulary "
+                f"than the model's; set --vocab-size to that tokenizer's size (at least {top + 1}) or re-preprocess "
+                f"the data with the model's tokenizer"
+            )
+
+
+def check_tokenizer(cfg: RunConfig) -> None:
+    """A local --tokenizer-name-or-path loads and fits in the model's vocabulary."""
+    from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer, looks_like_hub_id
+
+    name = cfg.data.tokenizer_name_or_path
+    if not name:
+        return
+    if not os.path.exists(os.path.expanduser(name)) and looks_like_hub_id(name):
+        return  # a Hub name: resolved (or refused) by the tools that use it, not over the network here
+    try:
+        tokenizer = load_tokenizer(name)
+    except TokenizerLoadError as exc:
+        raise UserError(f"--tokenizer-name-or-path: {exc}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"tokenizer {name} has {tokenizer.vocab_size} tokens but vocab_size is {cfg.model.vocab_size}; "
+            f"set --vocab-size {tokenizer.vocab_size} (or more) or use the model's tokenizer"
+        )
+
+
+def check_checkpoints(cfg: RunConfig) -> None:
+    """The checkpoint --load would resume is readable, of this model's shape, with intact files;
+    so is a native --pretrained (finetuning; a transformers folder is checked when it is read).
+
+    A checkpoint of another layout (TP, PP, DP) is fine: resume converts it (see pretrain.py).
+    """
+    from megatron_bloom.checkpoint.manager import check_compatible, find_checkpoint
+    from megatron_bloom.checkpoint.native import check_checkpoint_files, resolve_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no checkpoint yet" is reported by the trainer itself
+        info = find_checkpoint(cfg.checkpoint.load)
+    if info is not None:
+        check_compatible(info, cfg.model)
+        check_checkpoint_files(info.path)
+        return  # a finetune that resumes its own checkpoint ignores --pretrained
+    src = cfg.finetune.pretrained
+    if src and not os.path.isfile(os.path.join(src, "config.json")):
+        check_checkpoint_files(os.path.join(*resolve_checkpoint(src)))
+
+
+def check_training_inputs(cfg: RunConfig, data: bool = True) -> None:
+    """All of the above on global rank 0 (see the module docstring); raises UserError."""
+    from megatron_bloom.distributed.launch_env import detect_launch_env
+
+    if detect_launch_env().rank != 0:
+        return
+    check_tokenizer(cfg)  # first: "the tokenizer is larger than the model" says more than a token id
+    if data:
+        check_data(cfg)
+    check_checkpoints(cfg)

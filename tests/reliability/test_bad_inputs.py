@@ -1,0 +1,302 @@
+"""The bad-input catalogue (docs/bad-inputs.md): every row is run here through its real entry point.
+
+Each case starts the command a user would type, as a subprocess (one process; launch/pretrain.py
+runs without torchrun as world size 1), and checks the contract of docs/bad-inputs.md:
+
+* exit code 2, and the last non-empty stderr line is ``error: ...`` naming the problem;
+* no ``Traceback`` anywhere in the output;
+* refused before the expensive part: no DeepSpeed engine was built (its "Using topology" line
+  never appears), the run took less than ``SECONDS_LIMIT`` and nothing was written where the
+  command would have written (no checkpoint folder, no .bin/.idx or their .tmp files).
+
+The rows the docs list as accepted (a weights-only checkpoint of another layout) are run too and
+must train. The ids of the cases are the ids in the docs' table.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A refusal comes after imports (torch ~2-3 s) and a few small reads. The bound is loose because
+# CI machines are shared; the "no engine, nothing written" checks are the sharp ones.
+SECONDS_LIMIT = 45.0
+
+MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3", "--split", "90,10,0",
+         "--train-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--zero-stage", "1"]
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        e.pop(k, None)
+    return e
+
+
+def run(tool: str, *args) -> "Run":
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / tool), *map(str, args)], capture_output=True, text=True,
+                          env=env(), cwd=REPO, timeout=300)
+    return Run(proc, time.monotonic() - start)
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess
+    seconds: float
+
+    @property
+    def last_error_line(self) -> str:
+        lines = [ln for ln in self.proc.stderr.splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
+
+
+def assert_refused(r: Run, fragment: str) -> None:
+    out = r.proc.stdout + r.proc.stderr
+    assert r.proc.returncode == 2, f"exit {r.proc.returncode}\n{out[-3000:]}"
+    assert r.last_error_line.startswith("error: "), out[-3000:]
+    assert fragment in r.last_error_line, r.last_error_line
+    assert "Traceback" not in out, out[-3000:]
+    assert "Using topology" not in out and "> training from iteration" not in out, "refused only after the engine was built"
+    assert r.seconds < SECONDS_LIMIT, f"took {r.seconds:.1f} s"
+
+
+def files_starting(folder: Path, stem: str) -> List[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(stem)) if folder.is_dir() else []
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+
+
+def _tool(*args) -> None:
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env())
+    assert proc.returncode == 0, proc.stderr
+
+
+def _weights_only_checkpoint(out: Path, vocab_size: int, tp: int) -> None:
+    """A native weights-only checkpoint (what convert_checkpoint.py hf-to-native writes) of MODEL."""
+    import torch
+
+    from megatron_bloom.checkpoint.native import expected_shapes, write_native_checkpoint
+    from megatron_bloom.config.schema import ModelConfig
+
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=vocab_size, seq_length=32)
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=gen) * 0.02 for k, shape in expected_shapes(cfg).items()}
+    write_native_checkpoint(sd, cfg, str(out), tp)
+
+
+@pytest.fixture(scope="module")
+def p(tmp_path_factory) -> Dict[str, object]:
+    """A tiny corpus, its tokenizer and dataset, paired (xP3) data, and native checkpoints, good and broken."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    jsonl = d / "corpus.jsonl"
+    _tool("data_tools/make_corpus.py", "--output", jsonl, "--size-mb", "0.1", "--seed", "5")
+    _tool("data_tools/train_tokenizer.py", "--input", jsonl, "--vocab-size", "400", "--output-dir", d / "tok")
+    _tool("data_tools/preprocess_data.py", "--input", jsonl, "--output-prefix", d / "corpus",
+          "--tokenizer-name-or-path", d / "tok", "--append-eod", "--workers", "1", "--quiet")
+    pairs = d / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"inputs": "Question {i}?", "targets": "Answer {i}."}}\n' for i in range(40)))
+    _tool("data_tools/preprocess_xp3.py", "--input", pairs, "--output-prefix", d / "xp3", "--tokenizer-name-or-path", d / "tok")
+
+    from megatron_bloom.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(d / "tok")).vocab_size
+    _weights_only_checkpoint(d / "ckpt_tp2", vocab, tp=2)
+    # The same checkpoint with one layer file cut short (a copy interrupted, a full disk).
+    shutil.copytree(d / "ckpt_tp2", d / "ckpt_truncated")
+    layer = d / "ckpt_truncated" / "global_step0" / "layer_02-model_01-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    # ... and with its state file cut short.
+    shutil.copytree(d / "ckpt_tp2", d / "ckpt_bad_state")
+    state = d / "ckpt_bad_state" / "global_step0" / "megatron_bloom.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    # A training checkpoint (not weights-only) saved at TP=2 under ZeRO-1: only its state file
+    # matters for the layout decision, which is taken before any weight is read.
+    import torch
+
+    shutil.copytree(d / "ckpt_tp2", d / "ckpt_trained_tp2")
+    state = d / "ckpt_trained_tp2" / "global_step0" / "megatron_bloom.pt"
+    s = torch.load(state, weights_only=True)
+    s.update(weights_only=False, layout={"tp": 2, "pp": 1, "dp": 1, "zero": 1})
+    torch.save(s, state)
+
+    # .bin/.idx pairs that do not match: a .bin cut short, an .idx cut short, a .bin of another run.
+    data = d / "corpus_text_document"
+    for name, cut_bin, cut_idx in (("short_bin", True, False), ("short_idx", False, True)):
+        b, i = data.with_suffix(".bin").read_bytes(), data.with_suffix(".idx").read_bytes()
+        (d / f"{name}.bin").write_bytes(b[: len(b) // 2] if cut_bin else b)
+        (d / f"{name}.idx").write_bytes(i[: len(i) - 8] if cut_idx else i)
+    a_file = d / "a_file"
+    a_file.write_text("not a folder\n")
+    return {"d": d, "jsonl": jsonl, "tok": d / "tok", "data": data, "xp3": d / "xp3", "vocab": vocab, "file": a_file}
+
+
+def pretrain_args(p, *extra) -> list:
+    return [*MODEL, "--vocab-size", p["vocab"], *TRAIN, "--data-path", p["data"], *extra]
+
+
+# ---- data preprocessing ------------------------------------------------------------------------------
+
+
+def _write(p, name: str, data: bytes) -> Path:
+    path = p["d"] / name
+    path.write_bytes(data)
+    return path
+
+
+def _late_bad_line(p) -> Path:
+    # Many good lines first, small chunks: earlier chunks are tokenized and written before the bad
+    # line is reached, so "nothing half-written" is really tested.
+    good = p["jsonl"].read_bytes().splitlines(keepends=True)[:200]
+    return _write(p, "late_bad.jsonl", b"".join(good) + b'{"text": "unterminated\n')
+
+
+PREPROCESS_CASES = {
+    # id: (input, fragment of the error line)
+    "malformed-jsonl": (_late_bad_line, "late_bad.jsonl:201: malformed JSON"),
+    "missing-key": (lambda p: _write(p, "nokey.jsonl", b'{"body": "x"}\n'), "key 'text' is missing (keys: body); choose keys with --json-keys"),
+    "missing-key-later": (lambda p: _write(p, "nokey2.jsonl", b'{"text": "a"}\n{"body": "b"}\n'), "nokey2.jsonl:2: key 'text' is missing"),
+    "empty-file": (lambda p: _write(p, "empty.jsonl", b""), "input is empty"),
+    "undecodable-bytes": (lambda p: _write(p, "latin1.jsonl", '{"text": "café"}\n'.encode("latin-1")), "latin1.jsonl:1: invalid UTF-8"),
+    "missing-input": (lambda p: p["d"] / "nowhere.jsonl", "no such file or folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREPROCESS_CASES))
+def test_preprocess_data_refuses(p, case, tmp_path):
+    make_input, fragment = PREPROCESS_CASES[case]
+    r = run("data_tools/preprocess_data.py", "--input", make_input(p), "--output-prefix", tmp_path / "out",
+            "--tokenizer-name-or-path", p["tok"], "--workers", "1", "--chunk-mb", "0.01", "--quiet")
+    assert_refused(r, fragment)
+    assert files_starting(tmp_path, "out") == []  # neither finished nor .tmp outputs
+
+
+def test_preprocess_data_missing_tokenizer_and_unwritable_output(p, tmp_path):
+    r = run("data_tools/preprocess_data.py", "--input", p["jsonl"], "--output-prefix", tmp_path / "out",
+            "--tokenizer-name-or-path", tmp_path / "no_tokenizer", "--quiet")
+    assert_refused(r, "tokenizer not found")
+    r = run("data_tools/preprocess_data.py", "--input", p["jsonl"], "--output-prefix", p["file"] / "out",
+            "--tokenizer-name-or-path", p["tok"], "--quiet")
+    assert_refused(r, "is a file, not a folder")
+    assert files_starting(tmp_path, "out") == []
+
+
+def test_preprocess_xp3_refuses_without_partial_outputs(p, tmp_path):
+    # The first file's pairs are written (batch size 1) before the second file's bad row is read.
+    folder = tmp_path / "xp3" / "en"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"inputs": "Q1", "targets": "A1"}\n{"inputs": "Q2", "targets": "A2"}\n')
+    (folder / "b.jsonl").write_text('{"inputs": "Q3"}\n')
+    r = run("data_tools/preprocess_xp3.py", "--input", tmp_path / "xp3", "--output-prefix", tmp_path / "out" / "pairs",
+            "--tokenizer-name-or-path", p["tok"], "--batch-size", "1")
+    assert_refused(r, "b.jsonl:1: key 'targets' is missing")
+    assert files_starting(tmp_path / "out", "pairs") == []
+    r = run("data_tools/preprocess_xp3.py", "--input", folder / "a.jsonl", "--output-prefix", p["file"] / "pairs",
+            "--tokenizer-name-or-path", p["tok"])
+    assert_refused(r, "is a file, not a folder")
+
+
+def test_preprocessing_records_the_largest_token_id(p):
+    """The sidecar pretraining reads instead of scanning the .bin; stale or missing, the .bin is scanned."""
+    from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, token_stats_path
+
+    for prefix in (p["xp3"], p["data"]):
+        ds = MMapIndexedDataset(str(prefix))
+        scanned = ds.scan_max_token_id()
+        assert ds.max_token_id() == (scanned, "sidecar") and 0 < scanned < p["vocab"]
+    copy = p["d"] / "copy_text_document"
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(str(p["data"]) + suffix, str(copy) + suffix)
+    ds = MMapIndexedDataset(str(copy))
+    assert ds.max_token_id() == (scanned, "scan")  # no sidecar (another tool's data)
+    assert ds.max_token_id(scan_limit_bytes=10) == (None, "unknown")  # too large to scan at start-up
+    Path(token_stats_path(str(copy))).write_text('{"max_token_id": 1, "num_sequences": 1, "bin_bytes": 2}')
+    assert ds.max_token_id() == (scanned, "scan")  # a sidecar of another .bin is ignored
+
+
+# ---- pretraining -------------------------------------------------------------------------------------
+
+
+PRETRAIN_CASES = {
+    # id: (extra flags, fragment of the error line)
+    "data-prefix-missing": (lambda p: ["--data-path", p["d"] / "nowhere_text_document"], "nowhere_text_document.idx: file not found"),
+    "bin-truncated": (lambda p: ["--data-path", p["d"] / "short_bin"], "the .bin is truncated or belongs to another .idx"),
+    "idx-truncated": (lambda p: ["--data-path", p["d"] / "short_idx"], "the file is truncated or corrupt"),
+    "data-path-weights": (lambda p: ["--data-path", "0.7", p["data"], "0.3"], "weight '0.3' (token 3) has no prefix after it"),
+    "data-path-not-a-number": (lambda p: ["--data-path", "0.7x", p["data"]], "'0.7x' (token 1) should be a weight but is not a number"),
+    "weighted-split-range": (lambda p: ["--train-weighted-split-paths", f"train: 1 0:1.5 {p['data']}"], "needs 0 <= START < END <= 1"),
+    "token-id-over-vocab": (lambda p: ["--vocab-size", "200"], "holds token id"),  # the later flag wins
+    "impossible-layout": (lambda p: ["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by tensor_model_parallel_size"),
+    "heads-vs-hidden": (lambda p: ["--num-attention-heads", "3"], "hidden_size=64 is not divisible by num_attention_heads=3"),
+    "missing-tokenizer": (lambda p: ["--tokenizer-name-or-path", p["d"] / "no_tokenizer"], "tokenizer not found"),
+    "tokenizer-over-vocab": (lambda p: ["--tokenizer-name-or-path", p["tok"], "--vocab-size", "300"], "tokens but vocab_size is 300"),
+    "checkpoint-other-shape": (lambda p: ["--load", p["d"] / "ckpt_tp2", "--hidden-size", "32"], "has hidden_size=64 but the configuration says 32"),
+    "checkpoint-truncated-layer": (lambda p: ["--load", p["d"] / "ckpt_truncated"], "layer_02-model_01-model_states.pt is corrupt or truncated"),
+    "checkpoint-truncated-state": (lambda p: ["--load", p["d"] / "ckpt_bad_state"], "megatron_bloom.pt is corrupt or truncated"),
+    "checkpoint-other-layout-zero0": (lambda p: ["--load", p["d"] / "ckpt_trained_tp2", "--zero-stage", "0"], "needs ZeRO-1 on both sides"),
+    "save-dir-unwritable": (lambda p: ["--save", p["file"] / "ckpt"], "a_file is a file, not a folder"),
+}
+
+
+@pytest.mark.slow  # ~3-5 s each (torch import); all of them ~1 min
+@pytest.mark.parametrize("case", sorted(PRETRAIN_CASES))
+def test_pretrain_refuses(p, case, tmp_path):
+    extra, fragment = PRETRAIN_CASES[case]
+    save = tmp_path / "ckpt"
+    args = pretrain_args(p, "--save", save, "--tensorboard-dir", tmp_path / "tb", *extra(p))
+    r = run("launch/pretrain.py", *args)
+    assert_refused(r, fragment)
+    # The trainer may probe --save by creating it (an empty folder); nothing may be saved in it.
+    assert files_starting(save, "") == [] and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.slow  # trains one step (~10 s)
+def test_pretrain_accepts_a_checkpoint_of_another_layout(p, tmp_path):
+    """Layout-free resume: a TP=2 weights-only checkpoint loads at TP=1 (and under ZeRO-0)."""
+    r = run("launch/pretrain.py", *pretrain_args(p, "--load", p["d"] / "ckpt_tp2", "--zero-stage", "0"))
+    out = r.proc.stdout + r.proc.stderr
+    assert r.proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert f"> loaded weights from {p['d'] / 'ckpt_tp2' / 'global_step0'}" in r.proc.stdout
+
+
+@pytest.mark.slow
+def test_finetune_refuses(p, tmp_path):
+    base = [*TRAIN, "--data-path", p["xp3"], "--save", tmp_path / "ft"]
+    r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_truncated")
+    assert_refused(r, "layer_02-model_01-model_states.pt is corrupt or truncated")
+    assert not (tmp_path / "ft").exists()  # the conversion of --pretrained never started
+    r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_tp2", "--vocab-size", "100")
+    assert_refused(r, "holds token id")
+
+
+# ---- conversion and evaluation ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_convert_checkpoint_refuses(p, tmp_path):
+    out = tmp_path / "hf"
+    r = run("launch/convert_checkpoint.py", "native-to-hf", "--load", p["d"] / "ckpt_tp2", "--out", out,
+            "--tokenizer", tmp_path / "no_tokenizer")
+    assert_refused(r, "no_tokenizer does not exist")
+    r = run("launch/convert_checkpoint.py", "native-to-hf", "--load", p["d"] / "ckpt_truncated", "--out", out)
+    assert_refused(r, "layer_02-model_01-model_states.pt is corrupt, truncated or not a tensor file")
+    r = run("launch/convert_checkpoint.py", "native-to-hf", "--load", p["d"] / "ckpt_tp2", "--out", p["file"] / "hf")
+    assert_refused(r, "is a file, not a folder")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_refuses(p, tmp_path):
+    r = run("launch/evaluate.py", "--load", p["d"] / "ckpt_tp2", "--data", p["jsonl"], "--tokenizer", tmp_path / "no_tokenizer")
+    assert_refused(r, "no_tokenizer does not exist")
+    r = run("launch/evaluate.py", "--load", p["d"] / "ckpt_truncated", "--data", p["jsonl"], "--tokenizer", p["tok"])
+    assert_refused(r, "is corrupt, truncated or not a tensor file")
