@@ -88,6 +88,10 @@ class BloomEngine:
                 base_seed=cfg.training.seed,
                 partition_method=p.pp_partition_method,
             )
+            # Seeds per layer while building only. Left on, DeepSpeed reseeds every forward from a
+            # micro-batch counter that restarts at 0 in each process: a resumed run repeated the
+            # first steps' dropout masks (not bitwise); now dropout draws from the saved RNG streams.
+            module.seed_layers = False
         else:
             module = BloomSequential(specs, loss_fn, cfg.training.seed)
         mark_grad_norm_owners(module, state.tp_rank)
