@@ -18,7 +18,11 @@ micro-batches per step per DP rank, Vp padded vocabulary, t TP, N parameters on 
            + 3 b s on the last stage: max, target logit and sum of exp of the vocab-parallel loss)
     pp   send: m b s h activations forward from every stage but the last, m b s h gradients
          backward from every stage but the first; embedding group: Vp h / t, the tied-embedding
-         gradient all-reduced between the first and the last stage
+         gradient all-reduced between the first and the last stage. With TP > 1 DeepSpeed's
+         pipeline partitions what it sends ("pipe_partitioned"): each TP rank sends 1/t of it
+         (plus a small meta tensor) and the receiver all-gathers it over TP (pp_gather: b s h per
+         received activation or gradient, and again in backward for each output a stage kept
+         partitioned: m (2 [not last stage] + [not first stage]) b s h)
     dp   ZeRO-0: N (gradient all-reduce); ZeRO-1: N reduce(-scatter) + N all-gather of the
          updated parameters
 
@@ -190,12 +194,14 @@ def analytic_bytes(blocks: int, first: bool, last: bool, tp: int, pp: int, dp: i
                    h: int, padded_vocab: int, parameters: int, zero_stage: int) -> Dict[str, int]:
     """Expected bytes per step of one rank, by kind (see the module docstring)."""
     e = ELEMENT_BYTES
-    out = {"tp": 0, "pp_send": 0, "pp_tied": 0, "dp": 0}
+    out = {"tp": 0, "pp_send": 0, "pp_gather": 0, "pp_tied": 0, "dp": 0}
     if tp > 1:
         per_micro = 4 * blocks * b * s * h + (b * s * h if first else 0) + (b * s * h if last else 0)
         out["tp"] = m * (per_micro * e + (3 * b * s * 4 if last else 0))  # the loss reductions are fp32
     if pp > 1:
-        out["pp_send"] = m * b * s * h * e * ((0 if last else 1) + (0 if first else 1))
+        out["pp_send"] = m * b * s * h * e * ((0 if last else 1) + (0 if first else 1)) // tp
+        if tp > 1:
+            out["pp_gather"] = m * b * s * h * e * ((0 if last else 2) + (0 if first else 1))
         out["pp_tied"] = padded_vocab * h // tp * e if (first or last) else 0
     if dp > 1:
         out["dp"] = parameters * e * (2 if zero_stage == 1 else 1)
@@ -204,13 +210,15 @@ def analytic_bytes(blocks: int, first: bool, last: bool, tp: int, pp: int, dp: i
 
 def measured_kinds(counted: Dict[str, int]) -> Dict[str, int]:
     """Counted bytes grouped like ``analytic_bytes`` (collectives on the matching group), + the rest."""
-    out = {"tp": 0, "pp_send": 0, "pp_tied": 0, "dp": 0, "other": 0}
+    out = {"tp": 0, "pp_send": 0, "pp_gather": 0, "pp_tied": 0, "dp": 0, "other": 0}
     for key, n in counted.items():
         kind, group = key.split("/")
         if group == "tp" and kind == "all_reduce":
             out["tp"] += n
         elif group == "pp" and kind == "send":
             out["pp_send"] += n
+        elif group == "tp" and kind == "all_gather":
+            out["pp_gather"] += n
         elif group in ("embedding", "pp") and kind == "all_reduce":
             # The tied-embedding gradient (at PP=2, TP=DP=1 the embedding group is the pipeline group).
             out["pp_tied"] += n
@@ -409,11 +417,11 @@ def print_report(result: dict) -> None:
         mb, ab = r["measured_bytes"], r["analytic_bytes"]
         rows.append([f"({r['tp']},{r['pp']},{r['dp']})", r["processes"], r["micro_batches"], f"{r['step_s']:.3f}",
                      f"{r['tokens_per_s']:,.0f}",
-                     *[f"{mib(mb[k])} / {mib(ab[k])}" for k in ("tp", "pp_send", "pp_tied", "dp")],
-                     mib(mb["other"])])
-    print("Per step, summed over ranks; bytes in MiB as measured / analytic:\n")
+                     *[f"{mib(mb[k])} / {mib(ab[k])}" for k in ("tp", "pp_send", "pp_gather", "pp_tied", "dp")],
+                     f'{mb["other"]:,}'])
+    print("Per step, summed over ranks; MiB as measured / analytic:\n")
     print(markdown_table(["(TP,PP,DP)", "ranks", "m", "step (s)", "tokens/s", "TP all-reduce", "PP send",
-                          "PP tied-embedding", "DP gradients", "other"], rows))
+                          "PP all-gather over TP", "PP tied-embedding", "DP gradients", "other (bytes)"], rows))
     if result["bubble"]:
         print("\nPipeline bubble at PP=2 (TP=DP=1), per stage; ideal (p-1)/(m+p-1):\n")
         rows = []
@@ -430,7 +438,7 @@ def plot(result: dict, directory: str) -> List[str]:
     plt = pyplot()
     os.makedirs(directory, exist_ok=True)
     paths = []
-    kinds = ("tp", "pp_send", "pp_tied", "dp", "other")
+    kinds = ("tp", "pp_send", "pp_gather", "pp_tied", "dp", "other")
     labels = [f"({r['tp']},{r['pp']},{r['dp']})" for r in result["layouts"]]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom_m, bottom_a = [0.0] * len(labels), [0.0] * len(labels)

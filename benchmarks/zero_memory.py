@@ -208,8 +208,11 @@ def check_args(args) -> None:
                         "without ZeRO); drop 0 from --zero-stages or use --precision fp16/fp32")
     if any(z not in (0, 1, 2, 3) for z in args.zero_stages):
         raise UserError(f"--zero-stages {args.zero_stages}: stages are 0, 1, 2 and 3")
-    if args.data_parallel_size < 1 or args.steps < 1:
-        raise UserError("--data-parallel-size and --steps must be at least 1")
+    if args.data_parallel_size < 1:
+        raise UserError("--data-parallel-size must be at least 1")
+    if args.steps < 2:
+        raise UserError(f"--steps {args.steps}: use at least 2 (Adam creates its state in the first optimizer step, "
+                        "after that step's census)")
     if args.hidden_size % args.num_attention_heads:
         raise UserError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                         f"{args.num_attention_heads}")
@@ -228,7 +231,7 @@ def parse_args(argv=None):
     p.add_argument("--zero-stages", type=int, nargs="*", default=[0, 1, 2, 3], help="none: skip the ZeRO runs")
     p.add_argument("--attention-impls", nargs="*", choices=["eager", "sdpa"], default=["eager", "sdpa"],
                    help="of the activation runs (eager is the attention Megatron's formula counts); none: skip")
-    p.add_argument("--steps", type=int, default=2, help="training steps before the ZeRO census")
+    p.add_argument("--steps", type=int, default=2, help="training steps; the last one is counted (>= 2)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per ZeRO run before its ranks are killed")
     add_output_args(p)
     return p.parse_args(argv)
