@@ -79,7 +79,7 @@ def test_current_rss_follows_allocations():
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
     grown = rss_mb() - before
     del block
-    assert 60 < grown < 80, grown
+    assert 56 < grown < 90, grown  # 64 MB is above glibc's mmap threshold: fresh pages, resident once written
 
 
 # ---- torchrun, 2 ranks ---------------------------------------------------------------------------
