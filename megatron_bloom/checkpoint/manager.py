@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -78,24 +77,6 @@ def _read_latest(save_dir: str) -> Optional[str]:
             return fh.read().strip()
     except OSError:
         return None
-
-
-def check_save_dir(save_dir: str) -> None:
-    """Refuse an unwritable ``--save`` at start-up, before any process group or training step.
-
-    Every rank writes and removes a probe file of its own (nodes may mount the directory
-    differently). A real write is the only reliable test: ``os.access`` answers yes to root on a
-    read-only mount.
-    """
-    probe = os.path.join(save_dir, f".write_test.{socket.gethostname()}.{os.getpid()}")
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        with open(probe, "w") as fh:
-            fh.write("ok\n")
-        os.remove(probe)
-    except OSError as exc:
-        raise UserError(f"--save {save_dir} is not writable: {_errno_text(exc)}; check its permissions and free "
-                        f"space, or point --save at another directory") from None
 
 
 @dataclass
@@ -192,22 +173,22 @@ def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[s
     path = os.path.join(save_dir, tag)
     rank = dist.get_rank()
     hook = _SaveHook.from_env(iteration, rank)
-    failure = _attempt(lambda: _prepare_folder(save_dir, tag)) if rank == 0 else None
+    failure = _attempt(lambda: _prepare_folder(save_dir, tag), save_dir) if rank == 0 else None
     _agree(failure, save_dir, tag)
     try:
         with hook.inject_fault():
             engine.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
     except (OSError, RuntimeError) as exc:
-        failure = _write_failure(exc)
+        failure = _write_failure(exc, save_dir)
         # DeepSpeed's save ends in a barrier (it has no collective between its file writes) that
         # the other ranks are waiting in now; meet them there, then agree on the outcome.
         dist.barrier()
     if failure is None:
-        failure = _attempt(lambda: _save_own_files(engine, path, rank, trainer_state))
+        failure = _attempt(lambda: _save_own_files(engine, path, rank, trainer_state), save_dir)
     # Every rank's files are on disk past this point; only then is the checkpoint complete.
     _agree(failure, save_dir, tag)
     hook.hold(tag)
-    failure = _attempt(lambda: _commit(save_dir, tag, keep_last_k)) if rank == 0 else None
+    failure = _attempt(lambda: _commit(save_dir, tag, keep_last_k), save_dir) if rank == 0 else None
     _agree(failure, save_dir, tag)
     return path
 
@@ -243,22 +224,24 @@ def _errno_text(exc: OSError) -> str:
     return f"[Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
 
 
-def _write_failure(exc: BaseException) -> Dict[str, Any]:
+def _write_failure(exc: BaseException, save_dir: str) -> Dict[str, Any]:
     """What this rank reports when writing its files failed; re-raises anything that is not a write error."""
     if isinstance(exc, OSError):
-        return {"rank": dist.get_rank(), "error": _errno_text(exc), "file": exc.filename}
+        error, filename = _errno_text(exc), exc.filename
     # torch.save reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos ..."
     # (its zip writer has no errno): name it as the write failure it is.
-    if isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "PytorchStreamWriter" in str(exc)):
-        return {"rank": dist.get_rank(), "error": f"torch.save failed ({str(exc).splitlines()[0]})", "file": None}
-    raise exc
+    elif isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "PytorchStreamWriter" in str(exc)):
+        error, filename = f"torch.save failed ({str(exc).splitlines()[0]})", None
+    else:
+        raise exc
+    return {"rank": dist.get_rank(), "error": error, "file": filename, "free_mb": _free_mb(save_dir)}
 
 
-def _attempt(write) -> Optional[Dict[str, Any]]:
+def _attempt(write, save_dir: str) -> Optional[Dict[str, Any]]:
     try:
         write()
     except (OSError, RuntimeError) as exc:
-        return _write_failure(exc)
+        return _write_failure(exc, save_dir)
     return None
 
 
@@ -282,7 +265,7 @@ def _agree(failure: Optional[Dict[str, Any]], save_dir: str, tag: str) -> None:
     previous = (f"the previous checkpoint {latest} is intact and the same command resumes from it" if latest
                 else "there is no earlier checkpoint")
     raise UserError(f"could not save checkpoint {tag} to {save_dir}: {first['error']} ({where}; "
-                    f"{_free_mb(save_dir)} MB free there); free space, check permissions, or point --save at "
+                    f"{first['free_mb']} MB free there); free space, check permissions, or point --save at "
                     f"another directory; {previous}")
 
 

@@ -22,7 +22,6 @@ from megatron_bloom.checkpoint import (
     load_rng,
     save_checkpoint,
 )
-from megatron_bloom.checkpoint.manager import check_save_dir
 from megatron_bloom.cli import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
@@ -62,8 +61,6 @@ class Trainer:
         if self.stop.kill_switch():
             raise UserError(f"kill switch {t.kill_switch_path} exists; remove it to train")
         self.skip_iteration_ranges = parse_skip_ranges(t.skip_train_iteration_range)
-        if cfg.checkpoint.save:
-            check_save_dir(cfg.checkpoint.save)  # an unwritable --save fails now, not at the first save
         self.state = init_distributed(
             p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
             backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
