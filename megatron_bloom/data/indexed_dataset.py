@@ -305,10 +305,6 @@ class MMapIndexedDatasetBuilder:
             top = int(arr.max())
             self._max_id = top if self._max_id is None else max(self._max_id, top)
 
-    @property
-    def num_sequences(self) -> int:
-        return len(self._sizes)
-
     def write_token_stats(self, path: str, **extra) -> None:
         """Write the sidecar of what was written so far (call after `finalize`)."""
         write_token_stats(path, self._max_id, len(self._sizes), os.path.getsize(self._bin_path), **extra)
