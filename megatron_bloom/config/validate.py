@@ -45,6 +45,9 @@ def output_dir_problem(path: str) -> Optional[str]:
         folder = parent
     if not os.path.isdir(folder):
         return f"{folder} is a file, not a folder"
+    # os.access says yes to root on a read-only mount; the mount's own flag does not.
+    if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return f"{folder} is on a read-only filesystem"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"{folder} is not writable by this user"
     return None
