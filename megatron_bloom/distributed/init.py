@@ -1,8 +1,23 @@
-"""Start and stop the distributed runtime for one process of a job."""
+"""Start and stop the distributed runtime for one process of a job.
+
+Two guards for when a job loses a process:
+
+* torchrun starts every rank in a session of its own, so killing the agent (its process group,
+  an OOM kill) leaves the ranks running as orphans, still training and saving into the directory
+  that the next (requeued) job resumes from. Under torchrun each rank watches its agent and
+  SIGKILLs itself once it is gone.
+* A rank whose collective fails because a peer died or hung ends with a long library traceback
+  ("Connection reset by peer", a timeout) that says nothing about which rank was lost. Its last
+  line now says so, and where the launcher names the rank that failed first.
+"""
 from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
+import threading
+import time
 from datetime import timedelta
 from typing import Optional
 
@@ -35,6 +50,8 @@ def init_distributed(
     instead of hanging the allocation.
     """
     launch = launch or detect_launch_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_when_orphaned(launch.rank)
     backend = pick_backend(backend)
     if launch.world_size % (tp * pp) != 0:
         raise ValueError(f"world size {launch.world_size} is not divisible by TP x PP = {tp * pp}")
@@ -59,7 +76,57 @@ def init_distributed(
             world_size=launch.world_size,
             timeout=timeout,
         )
+        _explain_lost_peers(launch.rank, timeout_minutes)
     return ParallelState.build(dims, device, timeout=timeout)
+
+
+def stop_when_orphaned(rank: int, poll_seconds: float = 0.5) -> threading.Thread:
+    """SIGKILL this process once its parent (the torchrun agent) is gone; returns the watching thread.
+
+    Immediate and without a save: the job was killed, and a rank that outlived it must not write
+    into the checkpoint directory a requeued job may already be reading.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        try:
+            print(f"rank {rank}: its launcher (pid {parent}) is gone; stopping this rank", file=sys.stderr, flush=True)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="stop-when-orphaned", daemon=True)
+    thread.start()
+    return thread
+
+
+# What gloo and NCCL say when a peer process is gone or stopped answering.
+LOST_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
+                      "timed out", "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def lost_peer_hint(exc: BaseException, rank: int, timeout_minutes: float) -> str | None:
+    """The line to end a traceback with when ``exc`` is a collective that lost a peer, else None."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(m in text for m in LOST_PEER_MESSAGES):
+        return None
+    return (f"error: rank {rank}: a collective failed because another rank died or stopped answering "
+            f"(waits at most --distributed-timeout-minutes {timeout_minutes:g}): the rank that failed first "
+            f"is the 'Root Cause' in torchrun's report (on the node that lost it); its own log says why")
+
+
+def _explain_lost_peers(rank: int, timeout_minutes: float) -> None:
+    """Wrap ``sys.excepthook`` (after torch's own, which prefixes [rankN]) to add ``lost_peer_hint``."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb) -> None:
+        previous(kind, exc, tb)
+        hint = lost_peer_hint(exc, rank, timeout_minutes)
+        if hint:
+            print(hint, file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
 
 
 def shutdown() -> None:
