@@ -178,7 +178,8 @@ class InstructionTimer:
         """This stage's part of the step; ``bubble_of_stages`` puts the stages on one clock."""
         return {"start": self.first_start, "end": self.pipelined_end,
                 "busy_s": self.total["ForwardPass"] + self.total["BackwardPass"],
-                "recv_s": self.total["RecvActivation"] + self.total["RecvGrad"]}
+                "recv_s": self.total["RecvActivation"] + self.total["RecvGrad"],
+                "send_s": self.total["SendActivation"] + self.total["SendGrad"]}
 
 
 def bubble_of_stages(records: List[Dict[str, float]]) -> List[Dict[str, float]]:
@@ -187,7 +188,7 @@ def bubble_of_stages(records: List[Dict[str, float]]) -> List[Dict[str, float]]:
     Linux, one clock for every process of the machine, so stages' timestamps compare."""
     window = max(r["end"] for r in records) - min(r["start"] for r in records)
     return [{"window_s": window, "busy_s": r["busy_s"], "bubble": 1 - r["busy_s"] / window,
-             "recv_wait": r["recv_s"] / window} for r in records]
+             "recv_wait": r["recv_s"] / window, "send": r["send_s"] / window} for r in records]
 
 
 def analytic_bytes(blocks: int, first: bool, last: bool, tp: int, pp: int, dp: int, m: int, b: int, s: int,
@@ -429,9 +430,10 @@ def print_report(result: dict) -> None:
             for st in r["stages"]:
                 rows.append([r["micro_batches"], st["stage"], f"{r['step_s']:.3f}", f"{st['busy_s']:.3f}",
                              f"{st['window_s']:.3f}", f"{st['bubble']:.3f}", f"{st['recv_wait']:.3f}",
+                             f"{st['send']:.3f}",
                              f"{r['ideal_bubble']:.3f}"])
         print(markdown_table(["m", "stage", "step (s)", "fwd+bwd (s)", "1F1B window (s)", "bubble measured",
-                              "recv wait share", "ideal"], rows))
+                              "recv share", "send share", "ideal"], rows))
 
 
 def plot(result: dict, directory: str) -> List[str]:
@@ -443,11 +445,12 @@ def plot(result: dict, directory: str) -> List[str]:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom_m, bottom_a = [0.0] * len(labels), [0.0] * len(labels)
     xs = range(len(labels))
-    for kind in kinds:
+    for i, kind in enumerate(kinds):
         mv = [r["measured_bytes"][kind] / 2**20 for r in result["layouts"]]
         av = [r["analytic_bytes"].get(kind, 0) / 2**20 for r in result["layouts"]]
-        ax.bar([x - 0.2 for x in xs], mv, 0.4, bottom=bottom_m, label=f"{kind} measured")
-        ax.bar([x + 0.2 for x in xs], av, 0.4, bottom=bottom_a, hatch="//", alpha=0.5, label=f"{kind} analytic")
+        ax.bar([x - 0.2 for x in xs], mv, 0.4, bottom=bottom_m, color=f"C{i}", label=f"{kind} measured")
+        ax.bar([x + 0.2 for x in xs], av, 0.4, bottom=bottom_a, color=f"C{i}", hatch="//", alpha=0.5,
+               label=f"{kind} analytic")
         bottom_m = [b + v for b, v in zip(bottom_m, mv)]
         bottom_a = [b + v for b, v in zip(bottom_a, av)]
     ax.set_xticks(list(xs), labels)

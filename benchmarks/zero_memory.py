@@ -275,18 +275,19 @@ def plot(result: dict, directory: str) -> List[str]:
         ax = axes[0]
         stages = [r["zero_stage"] for r in result["zero"]]
         bottom_m, bottom_p = [0.0] * len(stages), [0.0] * len(stages)
-        for kind in ZERO_KINDS:
+        for kind, color in zip(ZERO_KINDS, ("C0", "C1", "C2")):
             mv = [r["measured"][kind] / 2**20 for r in result["zero"]]
             pv = [r["paper"][kind] / 2**20 for r in result["zero"]]
-            ax.bar([x - 0.2 for x in stages], mv, 0.4, bottom=bottom_m, label=f"{kind} measured")
-            ax.bar([x + 0.2 for x in stages], pv, 0.4, bottom=bottom_p, hatch="//", alpha=0.5, label=f"{kind} paper")
+            ax.bar([x - 0.2 for x in stages], mv, 0.4, bottom=bottom_m, color=color, label=f"{kind} measured")
+            ax.bar([x + 0.2 for x in stages], pv, 0.4, bottom=bottom_p, color=color, hatch="//", alpha=0.5,
+                   label=f"{kind} paper")
             bottom_m = [b + v for b, v in zip(bottom_m, mv)]
             bottom_p = [b + v for b, v in zip(bottom_p, pv)]
         ax.set_xticks(stages)
         ax.set_xlabel("ZeRO stage")
         ax.set_ylabel("MiB per rank")
         ax.set_title(f"model states per rank, DP={result['config']['data_parallel_size']}, "
-                     f"{result['config']['precision']}")
+                     f"{result['config']['precision']}: measured (left), paper (right)")
         ax.legend(fontsize=7)
     if result["activations"]:
         ax = axes[1]
