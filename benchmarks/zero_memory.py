@@ -254,7 +254,7 @@ def print_report(result: dict) -> None:
         print(markdown_table(["ZeRO stage", "weights", "gradients", "optimizer states", "sum (measured / paper)",
                               "other (buckets)"], rows))
     if result["activations"]:
-        print(f"\nActivations, one micro-batch, fp32, TP=1, forward + backward (MiB):\n")
+        print("\nActivations, one micro-batch, fp32, TP=1, forward + backward (MiB):\n")
         rows = []
         for r in result["activations"]:
             rows.append([r["attention_impl"], "yes" if r["checkpoint_activations"] else "no",
