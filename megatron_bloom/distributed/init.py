@@ -4,8 +4,8 @@ Two guards for when a job loses a process:
 
 * torchrun starts every rank in a session of its own, so killing the agent (its process group,
   an OOM kill) leaves the ranks running as orphans, still training and saving into the directory
-  that the next (requeued) job resumes from. Under torchrun each rank watches its agent and
-  SIGKILLs itself once it is gone.
+  that the next (requeued) job resumes from. Under torchrun each rank asks the kernel for a
+  SIGKILL when its agent dies.
 * A rank whose collective fails because a peer died or hung ends with a long library traceback
   ("Connection reset by peer", a timeout) that says nothing about which rank was lost. Its last
   line now says so, and where the launcher names the rank that failed first.
@@ -16,8 +16,6 @@ import os
 import random
 import signal
 import sys
-import threading
-import time
 from datetime import timedelta
 from typing import Optional
 
@@ -51,7 +49,7 @@ def init_distributed(
     """
     launch = launch or detect_launch_env()
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        stop_when_orphaned(launch.rank)
+        stop_with_parent()
     backend = pick_backend(backend)
     if launch.world_size % (tp * pp) != 0:
         raise ValueError(f"world size {launch.world_size} is not divisible by TP x PP = {tp * pp}")
@@ -80,25 +78,25 @@ def init_distributed(
     return ParallelState.build(dims, device, timeout=timeout)
 
 
-def stop_when_orphaned(rank: int, poll_seconds: float = 0.5) -> threading.Thread:
-    """SIGKILL this process once its parent (the torchrun agent) is gone; returns the watching thread.
+def stop_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent (the torchrun agent) dies; Linux only.
 
     Immediate and without a save: the job was killed, and a rank that outlived it must not write
-    into the checkpoint directory a requeued job may already be reading.
+    into the checkpoint directory a requeued job may already be reading. (A kernel request, not a
+    watching thread: a Python daemon thread alive at exit made some ranks abort in C++ teardown.)
+    Returns whether the request is in place.
     """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
     parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        try:
-            print(f"rank {rank}: its launcher (pid {parent}) is gone; stopping this rank", file=sys.stderr, flush=True)
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    thread = threading.Thread(target=watch, name="stop-when-orphaned", daemon=True)
-    thread.start()
-    return thread
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the agent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 # What gloo and NCCL say when a peer process is gone or stopped answering.

@@ -54,19 +54,15 @@ def test_orphaned_ranks_stop_when_their_agent_dies(corpus, tmp_path):
     pids = job.rank_pids()
     assert sorted(pids) == [0, 1]
     job.kill_agent()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     still = [rank for rank, pid in pids.items() if alive(pid)]
     for pid in pids.values():  # never leave a rank behind, even when the test fails
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
-    assert not still, f"ranks {still} outlived their agent by 10 s"
+    assert not still, f"ranks {still} outlived their agent by 5 s"
     job.finish(timeout=30)
-    # The first rank to notice stops; the other notices too, or loses its peer in a collective first.
-    for rank in (0, 1):
-        assert (f"rank {rank}: its launcher (pid {job.proc.pid}) is gone; stopping this rank" in job.output
-                or f"error: rank {rank}: a collective failed because another rank died" in job.output), job.output[-3000:]
     assert not (ckpt / "latest").exists()  # no rank saved after the job was killed
 
 
