@@ -8,7 +8,7 @@ Two guards for when a job loses a process:
   SIGKILL when its agent dies.
 * A rank whose collective fails because a peer died or hung ends with a long library traceback
   ("Connection reset by peer", a timeout) that says nothing about which rank was lost. Its last
-  line now says so, and where the launcher names the rank that failed first.
+  line now says which of the two happened and where to find the rank.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def init_distributed(
 ) -> ParallelState:
     """Initialize the default process group from the launcher's env and build every TP/PP/DP group.
 
-    ``timeout_minutes`` bounds every collective: when a rank dies the others raise after this long
-    instead of hanging the allocation.
+    ``timeout_minutes`` bounds every collective, also in the groups DeepSpeed creates later: when
+    a rank dies or hangs the others raise after this long instead of hanging the allocation.
     """
     launch = launch or detect_launch_env()
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -74,6 +74,11 @@ def init_distributed(
             world_size=launch.world_size,
             timeout=timeout,
         )
+        # DeepSpeed builds its groups (data-parallel for ZeRO, pipeline) with dist.new_group(ranks),
+        # which takes torch's default timeout (30 min on gloo, 10 on NCCL), not ours: a rank that
+        # hung (not died) stalled the others in a ZeRO reduction far beyond the configured bound.
+        dist.distributed_c10d.default_pg_timeout = timeout
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
         _explain_lost_peers(launch.rank, timeout_minutes)
     return ParallelState.build(dims, device, timeout=timeout)
 
@@ -99,19 +104,25 @@ def stop_with_parent() -> bool:
     return True
 
 
-# What gloo and NCCL say when a peer process is gone or stopped answering.
-LOST_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",
-                      "timed out", "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+# What gloo and NCCL say when a peer process is gone, or did not answer within the timeout.
+DEAD_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "NCCL communicator was aborted")
+SILENT_PEER_MESSAGES = ("Timed out", "timed out", "Watchdog caught collective operation timeout")
 
 
 def lost_peer_hint(exc: BaseException, rank: int, timeout_minutes: float) -> str | None:
     """The line to end a traceback with when ``exc`` is a collective that lost a peer, else None."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or not any(m in text for m in LOST_PEER_MESSAGES):
+    if not isinstance(exc, RuntimeError):
         return None
-    return (f"error: rank {rank}: a collective failed because another rank died or stopped answering "
-            f"(waits at most --distributed-timeout-minutes {timeout_minutes:g}): the rank that failed first "
-            f"is the 'Root Cause' in torchrun's report (on the node that lost it); its own log says why")
+    if any(m in text for m in DEAD_PEER_MESSAGES):
+        return (f"error: rank {rank}: another rank died during a collective; torchrun's report names it "
+                f"('Root Cause', on the node that lost it) and its own log says why")
+    if any(m in text for m in SILENT_PEER_MESSAGES):
+        return (f"error: rank {rank}: another rank did not answer a collective within "
+                f"--distributed-timeout-minutes {timeout_minutes:g}; it hung or is stuck elsewhere: look for the "
+                f"rank whose log does not end in an error like this one")
+    return None
 
 
 def _explain_lost_peers(rank: int, timeout_minutes: float) -> None:
