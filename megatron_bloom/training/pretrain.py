@@ -229,6 +229,7 @@ class Trainer:
         cfg, t, lg = self.cfg, self.cfg.training, self.cfg.logging
         self.stop.install()
         start_time = time.time()
+        first_iteration = self.iteration
         exit_code = 0
         _log0(f"> training from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
         self.monitor.reset_timer()
@@ -306,7 +307,11 @@ class Trainer:
                             self.save()
                     _log0(f"> stopping at iteration {self.iteration}: {reason}; exit code {exit_code}")
                     return exit_code
-            if cfg.checkpoint.save and not (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0):
+            # A finished run started again takes no step: the checkpoint it resumed from is the
+            # final one, and rewriting it in place would only open a window for a kill to corrupt it.
+            took_steps = self.iteration != first_iteration
+            if (took_steps and cfg.checkpoint.save
+                    and not (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)):
                 self.save()
             if self.valid_ds and self.iteration % lg.eval_interval != 0:
                 self._validate()

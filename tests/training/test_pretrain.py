@@ -170,3 +170,23 @@ def test_three_stages_train_and_evaluate(corpus, tmp_path):
                  "--tensorboard-dir", str(tmp_path / "tb"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert sorted(scalars(str(tmp_path / "tb"), "lm-loss-validation/validation/lm loss validation")) == [1, 2, 3]
+
+
+def test_finished_run_started_again_rewrites_nothing(runs, corpus, tmp_path):
+    """The same command after the run finished: nothing to train, and the final checkpoint (the one a
+    kill mid-rewrite would corrupt) is left exactly as it was."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(runs["split"] / "ckpt", ckpt)
+    # config.yaml records each invocation's resolved settings; everything else must stay untouched.
+    def files():
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(ckpt.rglob("*"))
+                if p.is_file() and p.name != "config.yaml"}
+
+    before = files()
+    p = pretrain(4, *data_args(corpus), *layout(1, 2), "--save", str(ckpt), "--load", str(ckpt), "--train-iters", "8")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed" in p.stdout and "training done at iteration 8" in p.stdout
+    assert "saved checkpoint" not in p.stdout
+    assert files() == before
