@@ -49,7 +49,11 @@ MAX_NEW_TOKENS = 8  # held-out answers are 1-3 number words
 
 
 class StageFailed(Exception):
-    """A stage's command or check failed; the message says how."""
+    """A stage's command or check failed; the message says how, ``output`` is what it printed last."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,14 +94,19 @@ class Demo:
             if name == self.fail_stage:
                 raise StageFailed("failure injected with --fail-stage")
             yield
-        except (StageFailed, UserError) as exc:
+        except StageFailed as exc:
+            self._failed(name, str(exc), exc.output)
+        except UserError as exc:
             self._failed(name, str(exc))
         except Exception as exc:  # noqa: BLE001 - any error: name the stage, then stop
             self._failed(name, f"{type(exc).__name__}: {exc}")
         print(f"  ({name}: {time.time() - start:.1f} s)", flush=True)
 
-    def _failed(self, name: str, why: str) -> None:
-        print(f"\ndemo failed in stage '{name}': {why}", file=sys.stderr, flush=True)
+    def _failed(self, name: str, why: str, output: str = "") -> None:
+        if output:
+            print(f"--- last output of stage '{name}' ---\n{output.rstrip()}", file=sys.stderr)
+        print(f"\ndemo failed in stage '{name}' after {time.time() - self.started:.0f} s: {why}", file=sys.stderr,
+              flush=True)
         raise SystemExit(1)
 
     def run(self, cmd: Sequence[str], progress: Optional[str] = None) -> str:
@@ -114,8 +123,8 @@ class Demo:
                 print("  " + shown, flush=True)
         proc.wait()
         if proc.returncode != 0:
-            tail = "".join(lines[-30:])
-            raise StageFailed(f"exit code {proc.returncode} from {os.path.basename(cmd[1])}; its last output:\n{tail}")
+            script = next((os.path.basename(c) for c in cmd if c.endswith(".py")), os.path.basename(cmd[0]))
+            raise StageFailed(f"{script} exited with code {proc.returncode}", "".join(lines[-30:]))
         if not progress:
             for line in lines[-2:]:
                 print("  " + line.rstrip(), flush=True)
