@@ -8,30 +8,19 @@ The fault is injected through megatron_bloom.training.nonfinite's test-only envi
 and of DeepSpeed.
 """
 import glob
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "training"))
-
-from pretrain_run import REPO, command, env, scalars  # noqa: E402
+from pretrain_run import REPO, command, env, scalars  # tests/training, via this folder's conftest
 
 from megatron_bloom.cli import UserError  # noqa: E402
 from megatron_bloom.config import ConfigError, RunConfig, validate_config  # noqa: E402
 from megatron_bloom.monitoring.metrics import IntervalStats, rss_mb  # noqa: E402
 from megatron_bloom.training.nonfinite import INJECT_ENV, Injection  # noqa: E402
 
-# tests/training's session corpus (1 MB, 1,000-token tokenizer, .bin/.idx), loaded by path.
-_spec = importlib.util.spec_from_file_location("_training_conftest", os.path.join(REPO, "tests", "training",
-                                                                                  "conftest.py"))
-_training = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_training)
-corpus = _training.corpus
 
 POISONED_ITERATION = 3
 PARAMETER = "transformer.h.1.mlp.dense_h_to_4h.weight"  # rank 1 holds it in every layout below

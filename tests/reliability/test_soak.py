@@ -6,24 +6,11 @@ evaluation + save cycle (iteration EVERY): by then every code path of the loop (
 evaluation, checkpoint write and pruning, TensorBoard) has run once and allocated its buffers.
 A leak of 10 kB per step would show as 20 MB (~5%) by the end.
 """
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "training"))
-
-from pretrain_run import REPO, pretrain, scalars  # noqa: E402
-
-# tests/training's session corpus (1 MB, 1,000-token tokenizer, .bin/.idx), loaded by path.
-_spec = importlib.util.spec_from_file_location("_training_conftest", os.path.join(REPO, "tests", "training",
-                                                                                  "conftest.py"))
-_training = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_training)
-corpus = _training.corpus
+from pretrain_run import pretrain, scalars  # tests/training, on sys.path via this folder's conftest
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
