@@ -80,3 +80,25 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def finish(result: Dict, args, plot) -> None:
+    """The end every benchmark shares: ``--plot DIR`` PNGs (named in the output), ``--json`` last."""
+    import json
+
+    if args.plot:
+        result["plots"] = plot(result, args.plot)
+        print("\nplots: " + ", ".join(result["plots"]))
+    if args.json:
+        print(json.dumps(result))
+
+
+def run_main(main) -> None:
+    """Run a benchmark's ``main``; bad arguments end with one ``error:`` line and exit code 2."""
+    from megatron_bloom.cli import UserError
+
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,8 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_output_args, format_run_info, markdown_table, mib, pyplot, run_info  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
 
 DEFAULT_LAYOUTS = "1,1,1 2,1,1 1,2,1 1,1,2 2,2,1"
 ELEMENT_BYTES = 4  # fp32
@@ -499,18 +499,8 @@ def main(argv=None) -> None:
         r["ideal_bubble"] = (2 - 1) / (m + 2 - 1)
         result["bubble"].append(r)
     print_report(result)
-    if args.plot:
-        result["plots"] = plot(result, args.plot)
-        print("\nplots: " + ", ".join(result["plots"]))
-    if args.json:
-        print(json.dumps(result))
+    finish(result, args, plot)
 
 
 if __name__ == "__main__":
-    from megatron_bloom.cli import UserError
-
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main(main)

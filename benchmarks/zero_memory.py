@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_output_args, format_run_info, markdown_table, mib, pyplot, run_info  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
 
 ZERO_KINDS = ("weights", "gradients", "optimizer_states")
 PAPER_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2, 12)}
@@ -320,18 +320,8 @@ def main(argv=None) -> None:
     result = {"run": run_info(argv), "config": config, "zero": measure_zero(args) if args.zero_stages else [],
               "activations": measure_activations(args) if args.attention_impls else []}
     print_report(result)
-    if args.plot:
-        result["plots"] = plot(result, args.plot)
-        print("\nplots: " + ", ".join(result["plots"]))
-    if args.json:
-        print(json.dumps(result))
+    finish(result, args, plot)
 
 
 if __name__ == "__main__":
-    from megatron_bloom.cli import UserError
-
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    run_main(main)

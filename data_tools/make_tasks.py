@@ -160,6 +160,18 @@ def write_split(out_dir: str, split: str, rows: List[dict]) -> List[str]:
     return paths
 
 
+def read_tasks(folder: str) -> List[dict]:
+    """Every row of the ``<lang>/<task>.jsonl`` files under ``folder`` (a split, a language, or the
+    whole output), in a fixed order."""
+    rows = []
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.endswith(".jsonl"):
+                with open(os.path.join(root, name), encoding="utf-8") as fh:
+                    rows.extend(json.loads(line) for line in fh if line.strip())
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="folder; writes train/<lang>/<task>.jsonl and heldout/<lang>/<task>.jsonl")

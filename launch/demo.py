@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data_tools.make_tasks import read_tasks  # noqa: E402
 from megatron_bloom.cli import UserError, entry_point  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,21 +175,10 @@ def prepare_out(out: str) -> Dict[str, str]:
     return paths
 
 
-def read_rows(folder: str) -> List[dict]:
-    """Every row of the ``<lang>/<task>.jsonl`` files under ``folder``, in a fixed order."""
-    rows = []
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if name.endswith(".jsonl"):
-                with open(os.path.join(root, name), encoding="utf-8") as fh:
-                    rows.extend(json.loads(line) for line in fh if line.strip())
-    return rows
-
-
 def write_tokenizer_text(paths: Dict[str, str]) -> None:
     """Corpus + every training prompt and answer, so the tokenizer has merges for both."""
     with open(paths["tok_text"], "w", encoding="utf-8") as fh:
-        for r in read_rows(os.path.join(paths["tasks"], "train")):
+        for r in read_tasks(os.path.join(paths["tasks"], "train")):
             fh.write(json.dumps({"text": r["inputs"] + " " + r["targets"]}, ensure_ascii=False) + "\n")
         with open(paths["corpus"], encoding="utf-8") as corpus:
             shutil.copyfileobj(corpus, fh)
@@ -288,7 +278,7 @@ def main(argv=None) -> int:
         demo.run([py, "data_tools/make_tasks.py", "--output", paths["tasks"], "--tasks", *TASKS, "--max-words", "2",
                   "--num-train", str(args.num_train), "--num-heldout", str(args.num_heldout),
                   "--corpus", paths["corpus"], "--seed", "0"])
-        heldout = read_rows(os.path.join(paths["tasks"], "heldout"))
+        heldout = read_tasks(os.path.join(paths["tasks"], "heldout"))
         for r in heldout[:: max(1, len(heldout) // 3)][:3]:
             print(f"  held-out example: {r['inputs']!r} -> {r['targets']!r}")
 

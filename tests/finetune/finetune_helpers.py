@@ -1,9 +1,10 @@
 """Shared pieces of the finetuning tests: tiny data, runs of the launchers, greedy accuracy."""
-import json
 import os
 import subprocess
 import sys
 from typing import Dict, List, Tuple
+
+from data_tools.make_tasks import read_tasks as read_rows  # noqa: F401 - the layout make_tasks writes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,16 +33,6 @@ def launch(script: str, nproc: int, args: List[str], timeout: float = 400) -> su
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(free_port()), path, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout)
-
-
-def read_rows(folder: str) -> List[dict]:
-    rows = []
-    for root, _, files in sorted(os.walk(folder)):
-        for name in sorted(files):
-            if name.endswith(".jsonl"):
-                with open(os.path.join(root, name), encoding="utf-8") as fh:
-                    rows.extend(json.loads(line) for line in fh if line.strip())
-    return rows
 
 
 def greedy_answers(checkpoint: str, tokenizer_dir: str, rows: List[dict], max_new_tokens: int = 8) -> List[str]:
