@@ -47,6 +47,7 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
         code = 0
         try:
             code = main(*args, **kwargs) or 0
+            shutdown(together=True)  # every rank returns from main: leave together
         except (ConfigError, UserError) as exc:
             shutdown()
             fail(str(exc))

@@ -138,10 +138,23 @@ def _explain_lost_peers(rank: int, timeout_minutes: float) -> None:
     sys.excepthook = hook
 
 
-def shutdown() -> None:
-    """Destroy the default group; safe to call on every exit path, twice, or when never started."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(together: bool = False) -> None:
+    """Destroy the default group; safe to call on every exit path, twice, or when never started.
+
+    ``together=True`` (the normal end of a run, reached by every rank) first waits at a barrier:
+    a rank that tears its gloo pairs down while a peer still has DeepSpeed's last collectives in
+    flight can make that peer abort at interpreter exit ("terminate called without an active
+    exception", SIGABRT) after all the work is done. Error paths skip the barrier: the peers
+    may be gone.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer left first; tearing down is still right
+            pass
+    dist.destroy_process_group()
 
 
 def set_seed(seed: int) -> None:

@@ -50,8 +50,7 @@ def measure_and_compare(e: Estimate, steps: int = 3) -> Optional[Dict]:
     # group at interpreter exit can abort the process (SIGABRT), failing the run after the work.
     from megatron_bloom.distributed import shutdown
 
-    dist.barrier()
-    shutdown()
+    shutdown(together=True)
     if rank != 0:
         return None
 

@@ -51,11 +51,13 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, env, init, thread
             )
         out = fn(*args, **kwargs)
         results.put(("ok", rank, out))
+        together = True
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        together = False
+    from megatron_bloom.distributed.init import shutdown
+
+    shutdown(together=together)
 
 
 def run_distributed(
