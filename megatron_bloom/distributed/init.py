@@ -12,6 +12,7 @@ Two guards for when a job loses a process:
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -144,8 +145,10 @@ def shutdown(together: bool = False) -> None:
     ``together=True`` (the normal end of a run, reached by every rank) first waits at a barrier:
     a rank that tears its gloo pairs down while a peer still has DeepSpeed's last collectives in
     flight can make that peer abort at interpreter exit ("terminate called without an active
-    exception", SIGABRT) after all the work is done. Error paths skip the barrier: the peers
-    may be gone.
+    exception", SIGABRT) after all the work is done. The same abort follows when a group held
+    by a reference cycle (DeepSpeed's engine and groups) is first freed during interpreter
+    finalization, when its gloo threads can no longer take the GIL: collect it now instead.
+    Error paths skip the barrier: the peers may be gone.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -155,6 +158,7 @@ def shutdown(together: bool = False) -> None:
         except RuntimeError:  # a peer left first; tearing down is still right
             pass
     dist.destroy_process_group()
+    gc.collect()
 
 
 def set_seed(seed: int) -> None:
