@@ -63,6 +63,15 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.3f}"
 
 
+def add_model_args(parser, hidden_size: int = 256, num_layers: int = 4, num_attention_heads: int = 8,
+                   vocab_size: int = 1024, seq_length: int = 128, micro_batch_size: int = 2) -> None:
+    """The model-shape flags every benchmark takes, under pretrain.py's names; defaults per benchmark."""
+    for flag, default in (("--hidden-size", hidden_size), ("--num-layers", num_layers),
+                          ("--num-attention-heads", num_attention_heads), ("--vocab-size", vocab_size),
+                          ("--seq-length", seq_length), ("--micro-batch-size", micro_batch_size)):
+        parser.add_argument(flag, type=int, default=default)
+
+
 def add_output_args(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--plot", metavar="DIR", default=None, help="write PNG plots into DIR (needs matplotlib)")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import format_run_info, pyplot, run_info  # noqa: E402
+from benchmarks.common import add_model_args, format_run_info, pyplot, run_info  # noqa: E402
 from megatron_bloom.config.schema import ModelConfig  # noqa: E402
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402
 from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
@@ -35,12 +35,7 @@ from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    add_model_args(p, hidden_size=512, num_layers=8, vocab_size=8192, seq_length=512, micro_batch_size=4)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--attention-impl", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after warmup)")

@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
 
 DEFAULT_LAYOUTS = "1,1,1 2,1,1 1,2,1 1,1,2 2,2,1"
 ELEMENT_BYTES = 4  # fp32
@@ -387,12 +387,7 @@ def check_args(args) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="space-separated TP,PP,DP triples")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--micro-batch-size", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--global-batch-size", type=int, default=8, help="the same for every layout")
     p.add_argument("--zero-stage", type=int, default=0, help="0 or 1 (the pipeline engine's stages)")
     p.add_argument("--bubble-micro-batches", type=int, nargs="*", default=[2, 4, 8],

@@ -37,7 +37,7 @@ from typing import Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
 
 ZERO_KINDS = ("weights", "gradients", "optimizer_states")
 PAPER_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2, 12)}
@@ -220,12 +220,7 @@ def check_args(args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--seq-length", type=int, default=128)
-    p.add_argument("--micro-batch-size", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--data-parallel-size", type=int, default=2, help="ranks of the ZeRO runs")
     p.add_argument("--precision", choices=sorted(PAPER_BYTES), default="fp32", help="of the ZeRO runs")
     p.add_argument("--zero-stages", type=int, nargs="*", default=[0, 1, 2, 3], help="none: skip the ZeRO runs")
