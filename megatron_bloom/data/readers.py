@@ -37,6 +37,19 @@ class ParsedTask:
     bad: list[tuple[int, str]] = field(default_factory=list)  # (0-based unit in task, reason), skipped
     fatal: tuple[int, str] | None = None  # first bad unit when bad ones are not skipped
 
+    def take(self, unit: int, reason: str | None, skip_bad: bool, row: dict[str, str] | None) -> bool:
+        """Keep ``row`` (key -> text) of ``unit``, or record why it is bad; False when that ends the task."""
+        if reason is not None:
+            if not skip_bad:
+                self.fatal = (unit, reason)
+                return False
+            self.bad.append((unit, reason))
+            return True
+        for key, text in row.items():
+            self.columns[key].append(text)
+        self.units.append(unit)
+        return True
+
 
 def make_output_dir(prefix: str, flag: str = "--output-prefix") -> str:
     """Create the folder an output prefix writes into; an InputError names the prefix if it cannot be."""
@@ -150,15 +163,9 @@ def parse_jsonl(data: bytes, keys: list[str], skip_bad: bool) -> ParsedTask:
             reason = f"invalid UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8"
         except json.JSONDecodeError as e:
             reason = f"malformed JSON: {e.msg} at column {e.colno}"
-        if reason is not None:
-            if not skip_bad:
-                task.fatal = (i, reason)
-                return task
-            task.bad.append((i, reason))
-            continue
-        for key in keys:
-            columns[key].append(obj[key])
-        task.units.append(i)
+        row = None if reason is not None else {key: obj[key] for key in keys}
+        if not task.take(i, reason, skip_bad, row):
+            return task
     return task
 
 
@@ -173,15 +180,9 @@ def check_records(columns: dict[str, list], keys: list[str], skip_bad: bool) -> 
             reason = _text_problem(key, columns[key][i])
             if reason:
                 break
-        if reason is not None:
-            if not skip_bad:
-                task.fatal = (i, reason)
-                return task
-            task.bad.append((i, reason))
-            continue
-        for key in keys:
-            out[key].append(columns[key][i])
-        task.units.append(i)
+        row = None if reason is not None else {key: columns[key][i] for key in keys}
+        if not task.take(i, reason, skip_bad, row):
+            return task
     task.n_bytes = sum(len(t.encode("utf-8")) for k in keys for t in out[k])
     return task
 
