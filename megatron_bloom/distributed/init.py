@@ -142,13 +142,11 @@ def _explain_lost_peers(rank: int, timeout_minutes: float) -> None:
 def shutdown(together: bool = False) -> None:
     """Destroy the default group; safe to call on every exit path, twice, or when never started.
 
-    ``together=True`` (the normal end of a run, reached by every rank) first waits at a barrier:
-    a rank that tears its gloo pairs down while a peer still has DeepSpeed's last collectives in
-    flight can make that peer abort at interpreter exit ("terminate called without an active
-    exception", SIGABRT) after all the work is done. The same abort follows when a group held
-    by a reference cycle (DeepSpeed's engine and groups) is first freed during interpreter
-    finalization, when its gloo threads can no longer take the GIL: collect it now instead.
-    Error paths skip the barrier: the peers may be gone.
+    ``together=True`` (the normal end of a run, reached by every rank) first waits at a barrier.
+    Without it, a DeepSpeed run whose ranks left one by one sometimes aborted at interpreter exit
+    ("terminate called without an active exception", SIGABRT) after all its work was done.
+    Error paths skip the barrier: the peers may be gone. Garbage is collected last, so groups
+    still held by DeepSpeed's reference cycles go down now rather than during finalization.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch.multiprocessing as mp
 
+from megatron_bloom.distributed.init import shutdown
 from megatron_bloom.distributed.launch_env import free_port
 
 
@@ -55,8 +56,6 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, env, init, thread
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put(("error", rank, traceback.format_exc()))
         together = False
-    from megatron_bloom.distributed.init import shutdown
-
     shutdown(together=together)
 
 
