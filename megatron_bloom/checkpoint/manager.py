@@ -12,7 +12,8 @@
 A save counts only once complete on every rank: rank 0 writes ``complete`` and then moves
 ``latest`` (atomically) only after every rank reported its own files on disk. A save killed
 halfway leaves ``latest`` on the previous checkpoint, which is where a restart resumes; the next
-save of that iteration starts from an empty folder.
+save of that iteration starts from an empty folder, and the next save that completes deletes
+what is left of any unfinished one.
 
 A save that fails on any rank (disk full, permissions) fails on every rank with the same
 one-line error: the ranks agree on the outcome after each phase instead of meeting at a bare
@@ -214,6 +215,8 @@ def _save_own_files(engine, path: str, rank: int, trainer_state: Dict[str, Any])
 def _commit(save_dir: str, tag: str, keep_last_k: Optional[int]) -> None:
     _atomic_write_text(os.path.join(save_dir, tag, COMPLETE), tag + "\n")
     _atomic_write_text(os.path.join(save_dir, LATEST), tag)
+    for leftover in unfinished_tags(save_dir):
+        shutil.rmtree(os.path.join(save_dir, leftover), ignore_errors=True)
     if keep_last_k:
         prune(save_dir, keep_last_k)
 
@@ -325,6 +328,14 @@ class _SaveHook:
 def complete_tags(save_dir: str) -> List[str]:
     tags = [n for n in os.listdir(save_dir) if TAG_RE.match(n) and os.path.isfile(os.path.join(save_dir, n, COMPLETE))]
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def unfinished_tags(save_dir: str) -> List[str]:
+    """Folders of our saves that never completed (killed mid-save, e.g. a signal's save at an
+    iteration the resumed run will not save again): ``rng/`` is made first, ``complete`` last.
+    Folders without ``rng/`` (a Megatron-DeepSpeed checkpoint sharing --save) are not ours."""
+    return [n for n in os.listdir(save_dir) if TAG_RE.match(n) and os.path.isdir(os.path.join(save_dir, n, "rng"))
+            and not os.path.isfile(os.path.join(save_dir, n, COMPLETE))]
 
 
 def prune(save_dir: str, keep_last_k: int) -> None:

@@ -1,6 +1,6 @@
 """SIGKILL of the whole job at any moment, then the same command: the final weights are bitwise those of
 a run that was never interrupted."""
-import os
+import shutil
 
 import pytest
 import torch
@@ -40,6 +40,12 @@ def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(corpus, tmp_p
     assert latest(ckpt) == "global_step8"
     assert (ckpt / "global_step12" / "megatron_bloom.pt").exists()
     assert not (ckpt / "global_step12" / "complete").exists()
+    # The same leftover at an iteration no later save repeats (a signal's save killed at 10), and
+    # a folder that is not one of our saves (a Megatron-DeepSpeed checkpoint in the same --save).
+    shutil.copytree(ckpt / "global_step12", ckpt / "global_step10")
+    foreign = ckpt / "global_step2"
+    foreign.mkdir()
+    (foreign / "mp_rank_00_model_states.pt").write_bytes(b"not ours")
 
     # 3. Right after the save of iteration 16 ('latest' moved): nothing is lost.
     job = Job(2, args)
@@ -47,6 +53,8 @@ def test_killed_job_resumes_to_the_weights_of_an_uninterrupted_run(corpus, tmp_p
     job.wait_for(f"> saved checkpoint {ckpt}/global_step16")
     job.kill()
     assert latest(ckpt) == "global_step16"
+    assert not (ckpt / "global_step10").exists(), "a completed save left an unfinished one behind"
+    assert (foreign / "mp_rank_00_model_states.pt").read_bytes() == b"not ours"
 
     last = pretrain(2, *args)
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
