@@ -82,7 +82,7 @@ class Job:
             try:
                 with open(f"/proc/{pid}/environ", "rb") as fh:
                     environ = fh.read().split(b"\0")
-            except FileNotFoundError:  # exited meanwhile
+            except (FileNotFoundError, ProcessLookupError):  # exited meanwhile (ESRCH while it is reaped)
                 continue
             for entry in environ:
                 if entry.startswith(b"RANK="):

@@ -15,7 +15,7 @@ def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished dying
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or being reaped (ESRCH)
         return False
 
 
