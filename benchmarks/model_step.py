@@ -1,6 +1,7 @@
 """Training-step throughput of our BLOOM against transformers' BloomForCausalLM, one process.
 
-Both models get the same weights and the same batches, the same loss function and fused AdamW. Steps
+Both models get the same weights and the same batches, the same loss function and fused AdamW, and
+denormal floats flushed to zero (as our trainer sets at start-up; ALiBi makes them frequent). Steps
 alternate A/B so drift of the machine (thermal, other load) hits both alike; the median of the
 timed steps after warmup is reported.
 
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import add_model_args, format_run_info, pyplot, run_info  # noqa: E402
 from megatron_bloom.config.schema import ModelConfig  # noqa: E402
+from megatron_bloom.distributed.init import flush_denormals  # noqa: E402
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402
 from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
 
@@ -123,6 +125,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As the trainer does at start-up (init_distributed), for both models: one process, one setting.
+    denormals_flushed = flush_denormals()
     ours, hf = build_models(args)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     steps = {"ours": make_step(ours, False, autocast_dtype), "hf": make_step(hf, True, autocast_dtype)}
@@ -157,6 +161,7 @@ def main(argv=None):
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
         "threads": torch.get_num_threads(),
+        "denormals_flushed": denormals_flushed,
         "timed_steps": args.steps,
         "model_flops_per_step": step_flops,
         "matmul_peak_flops": peak,
@@ -165,7 +170,8 @@ def main(argv=None):
     print(
         f"BLOOM training step, h={args.hidden_size} L={args.num_layers} heads="
         f"{args.num_attention_heads} vocab={args.vocab_size} seq={s} mbs={b} {args.dtype}, "
-        f"ours attention={args.attention_impl}, torch threads={torch.get_num_threads()}\n"
+        f"ours attention={args.attention_impl}, torch threads={torch.get_num_threads()}, "
+        f"denormals flushed to zero (both models): {'yes' if denormals_flushed else 'no'}\n"
     )
     print("| model | median step (s) | min step (s) | tokens/s | model GFLOP/s | MFU | first / last loss |")
     print("|---|---|---|---|---|---|---|")

@@ -53,7 +53,10 @@ def main(argv=None) -> int:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     import torch
 
+    from megatron_bloom.distributed.init import flush_denormals
     from megatron_bloom.generation import load_model, load_tokenizer
+
+    flush_denormals()  # before the model's first parallel op: ALiBi scores underflow (see init.py)
 
     loaded = load_model(args.load, dtype=args.dtype, attention_impl=args.attention_impl)
     tok_dir = args.tokenizer or loaded.tokenizer_dir

@@ -91,8 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from megatron_bloom.evaluation.loading import load_for_eval
+    from megatron_bloom.distributed.init import flush_denormals
 
+    flush_denormals()  # before the model's first parallel op: ALiBi scores underflow (see init.py)
     with torch.no_grad():  # scoped: an in-process caller keeps its own grad mode
         return _evaluate(args, rows, metrics)
 

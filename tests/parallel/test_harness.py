@@ -112,3 +112,26 @@ def test_a_finished_run_leaves_together_and_a_failed_one_does_not_wait():
     (code0, left0, _), (code1, _, main_ended1) = run_distributed(_leave_through_entry_point, 2, True, timeout=60)
     assert (code0, code1) == (2, 0)
     assert left0 < main_ended1, "the failing rank waited for its peer"
+
+
+def _denormals_after_start_up(start_threads_first):
+    """Nonzero denormal results of a parallel op, after init_distributed (worker threads started before, or not)."""
+    import warnings
+
+    if start_threads_first:
+        (torch.ones(1 << 20) * 2).sum()  # the intra-op thread pool exists from here on
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        init_distributed(tp=1, pp=1, backend="gloo", timeout_minutes=1)
+    tiny = torch.full((1 << 20,), 1e-30) * 1e-10  # 1e-40: denormal unless flushed, on every thread
+    return int(tiny.count_nonzero()), [str(w.message) for w in caught]
+
+
+def test_start_up_flushes_denormals_on_every_cpu_thread():
+    # ALiBi scores underflow to denormals in the attention softmax, which x86 computes much more
+    # slowly; torch's worker threads inherit the flush only if they start after it.
+    nonzero, warned = run_distributed(_denormals_after_start_up, 1, False, init=False, threads=2, timeout=60)[0]
+    assert nonzero == 0 and not any("denormal" in w for w in warned), (nonzero, warned)
+    # Too late: the worker threads keep computing denormals, and start-up says so.
+    nonzero, warned = run_distributed(_denormals_after_start_up, 1, True, init=False, threads=2, timeout=60)[0]
+    assert nonzero > 0 and any("flushed to zero on the main thread only" in w for w in warned), (nonzero, warned)
