@@ -42,7 +42,9 @@ def _process_global_state_is_left_as_found():
         torch.set_default_dtype(dtype)
     # Entry points run in-process (evaluate, generate) flush denormals on purpose, as their own
     # processes should; give the next test IEEE denormals on this thread again.
-    if int((torch.tensor([1e-30]) * 1e-10).count_nonzero()) == 0:
+    from megatron_bloom.distributed.init import surviving_denormals
+
+    if surviving_denormals(1) == 0:
         torch.set_flush_denormal(False)
     if leaked:
         pytest.fail("test leaked torch global state: " + "; ".join(leaked))

@@ -98,10 +98,16 @@ def flush_denormals() -> bool:
     they are created, so this must run before torch's first parallel op. Returns whether the
     flush holds on every thread that computed a probe (False on a CPU without it).
     """
-    if not torch.set_flush_denormal(True):
-        return False
-    probe = torch.full((1 << 20,), 1e-30) * 1e-10  # 1e-40 is denormal; elementwise ops split across threads
-    return int(probe.count_nonzero()) == 0
+    return torch.set_flush_denormal(True) and surviving_denormals() == 0
+
+
+def surviving_denormals(n: int = 1 << 20) -> int:
+    """How many of ``n`` products that should be denormal (1e-30 * 1e-10) are not flushed to zero.
+
+    An elementwise op this large is split across torch's worker threads, so 0 means every thread
+    flushes; ``n=1`` probes only the calling thread.
+    """
+    return int((torch.full((n,), 1e-30) * 1e-10).count_nonzero())
 
 
 def stop_with_parent() -> bool:
