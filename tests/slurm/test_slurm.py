@@ -92,14 +92,15 @@ def submit(cluster, tmp_path, corpus, *sbatch_args, **env):
     return out.stdout.strip().split(";")[0]
 
 
-def wait_for(predicate, timeout, what, poll=0.5):
+def wait_for(predicate, timeout, what, poll=0.5, log_path=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    tail = f"\njob log tail:\n{read(log_path)[-3000:]}" if log_path else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
 
 
 def read(path):
@@ -123,11 +124,11 @@ def test_usr1_saves_requeues_and_resumes(cluster, slurm_corpus, tmp_path):
     try:
         # Trains: iterations appear (the first start builds DeepSpeed's CPU op; allow for it).
         wait_for(lambda: any(int(m.group(1)) >= 5 for m in ITERATION.finditer(read(log_path))), 400,
-                 "iteration 5 in the job log")
+                 "iteration 5 in the job log", log_path=log_path)
         assert job_field(cluster, job, "NodeList") == "mbnode[1-2]"
         slurm(cluster, "scancel", "--signal=USR1", job)
         # Saves, exits 3, is requeued (Restarts=1), then resumes and finishes.
-        wait_for(lambda: "=== stopped for requeue" in read(log_path), 240, "the requeue line")
+        wait_for(lambda: "=== stopped for requeue" in read(log_path), 240, "the requeue line", log_path=log_path)
         wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 60, "Restarts=1")
         wait_for(lambda: (release_if_delayed(cluster, job), gone(cluster, job))[1], 400, "the requeued job to finish")
     finally:
@@ -170,17 +171,20 @@ def test_array_chains_runs_and_cancels_the_rest(cluster, slurm_corpus, tmp_path)
 def test_time_limit_signal_saves_and_requeues(cluster, slurm_corpus, tmp_path):
     """#SBATCH --signal=USR1@N as the recipes use it: SLURM itself sends USR1 N seconds before the limit."""
     out = str(tmp_path / "job-%j.out")
-    # A 2-minute limit with USR1 at 100 s before it: the signal comes 20-50 s after the start
-    # (slurmctld checks time limits about every 30 s), possibly while the ranks still start up.
-    job = submit(cluster, tmp_path, slurm_corpus, f"--output={out}", "--time=2", "--signal=USR1@100",
-                 TRAIN_ITERS="100000")
+    # slurmctld checks time limits every 30 s and sends USR1 at the first check at most 100 + 30 s
+    # before the limit, to the steps running then: 50-80 s after the start with a 3-minute limit.
+    # With a 2-minute limit the first check can come before srun has started the step, and the
+    # signal is lost. EXIT_DURATION_MINS past the limit keeps the trainer's own duration stop out of the way.
+    job = submit(cluster, tmp_path, slurm_corpus, f"--output={out}", "--time=3", "--signal=USR1@100",
+                 TRAIN_ITERS="100000", EXIT_DURATION_MINS="30")
     log_path = out.replace("%j", job)
     try:
-        wait_for(lambda: "=== stopped for requeue" in read(log_path), 200, "the requeue line")
+        wait_for(lambda: "=== stopped for requeue" in read(log_path), 200, "the requeue line", log_path=log_path)
         wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 60, "Restarts=1")
     finally:
         subprocess.run(["scancel", job], env=cluster["env"], capture_output=True, timeout=30)
     log = read(log_path)
     stopped = re.search(r"stopping at iteration (\d+): signal 10; exit code 3", log)
     assert stopped, log[-4000:]
+    assert "SIGUSR1: asking the ranks to save and stop" in log, log[-4000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"global_step{stopped.group(1)}"
