@@ -56,6 +56,22 @@ class StepResult:
     """Where a NaN/Inf gradient was seen first when --nan-policy skip skipped the update for it."""
 
 
+def allow_fp16_on_any_cpu() -> None:
+    """Let DeepSpeed's CPU accelerator run fp16 on every CPU, as torch does.
+
+    It reports fp16 as supported only where oneDNN has native fp16 kernels (AVX512-FP16 or AMX-FP16,
+    which e.g. AMD EPYC lacks) and then refuses the engine ("Type fp16 is not supported on your
+    device"); torch computes fp16 on any CPU, only more slowly without those instructions. (bf16 it
+    always allows.) GPU accelerators are left as they are.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
+        # supported_dtypes(), which DeepSpeed's gradient reduction asserts against, asks the same method.
+        accelerator.is_fp16_supported = lambda: True
+
+
 class BloomEngine:
     def __init__(self, cfg: RunConfig, state: ParallelState, load_universal: bool = False):
         import deepspeed
@@ -103,6 +119,8 @@ class BloomEngine:
         self.ds_config = build_deepspeed_config(cfg)
         # Fixed at initialize time in DeepSpeed: decided before the engine exists.
         self.ds_config["checkpoint"]["load_universal"] = load_universal
+        if cfg.training.fp16:
+            allow_fp16_on_any_cpu()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
