@@ -168,17 +168,29 @@ def test_array_chains_runs_and_cancels_the_rest(cluster, slurm_corpus, tmp_path)
     assert job_field(cluster, f"{job}_3", "JobState") == "CANCELLED"
 
 
+def run_time_seconds(text):
+    """scontrol's RunTime ([D-]HH:MM:SS) in seconds."""
+    days, _, hms = text.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return ((int(days) if days else 0) * 24 + h) * 3600 + m * 60 + s
+
+
 def test_time_limit_signal_saves_and_requeues(cluster, slurm_corpus, tmp_path):
     """#SBATCH --signal=USR1@N as the recipes use it: SLURM itself sends USR1 N seconds before the limit."""
     out = str(tmp_path / "job-%j.out")
-    # slurmctld checks time limits every 30 s and sends USR1 at the first check at most 100 + 30 s
-    # before the limit, to the steps running then: 50-80 s after the start with a 3-minute limit.
-    # With a 2-minute limit the first check can come before srun has started the step, and the
-    # signal is lost. EXIT_DURATION_MINS past the limit keeps the trainer's own duration stop out of the way.
-    job = submit(cluster, tmp_path, slurm_corpus, f"--output={out}", "--time=3", "--signal=USR1@100",
-                 TRAIN_ITERS="100000", EXIT_DURATION_MINS="30")
+    # slurmctld checks time limits every 30 s and sends the signal, at the first check at most N + 30 s
+    # before the limit, to the job steps running then: a signal due before srun has started its step is
+    # lost. So the job starts with a long limit; once it trains, the limit is cut to 2-3 minutes from
+    # now and the signal is due within 90 s. EXIT_DURATION_MINS keeps the trainer's own stop out of the way.
+    job = submit(cluster, tmp_path, slurm_corpus, f"--output={out}", "--time=30", "--signal=USR1@100",
+                 TRAIN_ITERS="100000", EXIT_DURATION_MINS="60")
     log_path = out.replace("%j", job)
     try:
+        wait_for(lambda: any(int(m.group(1)) >= 2 for m in ITERATION.finditer(read(log_path))), 400,
+                 "iteration 2 in the job log", log_path=log_path)
+        limit = run_time_seconds(job_field(cluster, job, "RunTime")) // 60 + 3
+        slurm(cluster, "scontrol", "update", f"JobId={job}", f"TimeLimit={limit}")
+        assert run_time_seconds(job_field(cluster, job, "TimeLimit")) == 60 * limit
         wait_for(lambda: "=== stopped for requeue" in read(log_path), 200, "the requeue line", log_path=log_path)
         wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 60, "Restarts=1")
     finally:
