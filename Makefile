@@ -1,5 +1,6 @@
 # Two set-up commands: `make demo` and `make test`. Each creates .venv if missing and installs
-# torch's CPU wheel first (a bare `torch` requirement would pull a multi-GB CUDA build).
+# torch's CPU wheel first (a bare `torch` requirement would pull a multi-GB CUDA build), then the
+# project with the dependency versions of constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,9 +13,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 
-$(STAMP): $(PY) setup.py
+$(STAMP): $(PY) setup.py constraints.txt
 	$(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
