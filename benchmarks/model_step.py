@@ -29,9 +29,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import add_model_args, format_run_info, pyplot, run_info  # noqa: E402
+from megatron_bloom.cli import fail  # noqa: E402
 from megatron_bloom.config.schema import ModelConfig  # noqa: E402
 from megatron_bloom.distributed.init import flush_denormals  # noqa: E402
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402
+from megatron_bloom.training.engine import emulated_cpu_half_precision  # noqa: E402
 from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
 
 
@@ -123,6 +125,10 @@ def make_step(model, is_hf, autocast_dtype):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dtype == "bf16" and emulated_cpu_half_precision("bf16"):
+        fail("--dtype bf16: this CPU has no native bf16 matmul kernels and torch emulates them (tens of times "
+             "slower than fp32), so the run would take hours and time the emulation; use --dtype fp32 here, or a CPU "
+             "with AVX-512 or AMX")
     if args.threads:
         torch.set_num_threads(args.threads)
     # As the trainer does at start-up (init_distributed), for both models: one process, one setting.

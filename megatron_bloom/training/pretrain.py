@@ -68,6 +68,12 @@ class Trainer:
         set_seed(t.seed)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        from megatron_bloom.training.engine import BloomEngine, half_precision_warning
+
+        precision_warning = half_precision_warning("bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
+                                                   self.state.device)
+        if precision_warning:
+            _log0(precision_warning)
 
         self.lr_schedule = LearningRateSchedule.from_config(t)
         self.batch_schedule = build_batch_schedule(t, p.data_parallel_size)
@@ -100,8 +106,6 @@ class Trainer:
                     _log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
                     convert_to_universal(self.resume.directory, self.resume.tag, load_dir)
                 dist.barrier()
-
-        from megatron_bloom.training.engine import BloomEngine
 
         self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout)
         if self.resume is not None:

@@ -18,6 +18,7 @@ from pretrain_run import REPO, command, env, scalars  # tests/training, via this
 
 from megatron_bloom.cli import UserError  # noqa: E402
 from megatron_bloom.config import ConfigError, RunConfig, validate_config  # noqa: E402
+from megatron_bloom.training.engine import emulated_cpu_half_precision  # noqa: E402
 from megatron_bloom.monitoring.metrics import IntervalStats, rss_mb  # noqa: E402
 from megatron_bloom.training.nonfinite import INJECT_ENV, Injection  # noqa: E402
 
@@ -127,6 +128,9 @@ def test_skip_policy_leaves_the_step_out_on_every_rank(corpus, tmp_path, layout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (f"> iteration {POISONED_ITERATION}: NaN/Inf gradient, first on rank 1 in {PARAMETER}; "
             f"update skipped on every rank") in p.stdout
+    # Start-up says so when this CPU only emulates bf16 matmuls (once, from rank 0), and never for fp32.
+    warnings = p.stdout.count("matmul kernels; torch emulates them")
+    assert warnings == int("--bf16" in layout and emulated_cpu_half_precision("bf16")), p.stdout[:3000]
     line = console_line(p.stdout, POISONED_ITERATION)
     assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line, line
     assert "lm loss" not in line and "grad norm" not in line  # Megatron prints neither for a skipped step
@@ -173,6 +177,7 @@ def test_fp16_overflow_is_skipped_by_loss_scaling_and_counted(corpus, tmp_path):
             "--fp16", "--initial-loss-scale", "1024")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "NaN/Inf gradient" not in p.stdout  # loss scaling handles fp16, not the guard
+    assert p.stdout.count("no native fp16 matmul kernels") == int(emulated_cpu_half_precision("fp16"))
     line = console_line(p.stdout, POISONED_ITERATION)
     assert "number of skipped iterations:   1" in line and "loss scale: " in line, line
     tb = str(tmp_path / "tb")
