@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# DeepSpeed compiles its CPU communication op on first use. Kept per venv: a build killed in the
+# shared ~/.cache/torch_extensions leaves a lock file that every later build waits on forever.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test test-fast clean
 
