@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.cli import UserError
+from megatron_bloom.layers.random import default_generator
 
 LATEST = "latest"
 COMPLETE = "complete"
@@ -140,15 +141,18 @@ def check_compatible(info: CheckpointInfo, model_cfg) -> None:
 
 
 def rng_state(tracker=None) -> Dict[str, Any]:
+    """Every random stream of this rank: python, numpy, torch's CPU generator, and with a tracker
+    the default generator of the rank's own device plus the tracked dropout streams."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         # Tensors and plain numbers only, so the file loads with torch.load(weights_only=True).
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     if tracker is not None:
+        # On CPU the device generator is the CPU one again; saving it twice keeps one code path.
+        state["device"] = default_generator(tracker.device).get_state()
         state["tracker"] = tracker.get_states()
     return state
 
@@ -158,9 +162,9 @@ def set_rng_state(state: Dict[str, Any], tracker=None) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     if tracker is not None and "tracker" in state:
+        if state.get("device") is not None:
+            default_generator(tracker.device).set_state(state["device"])
         tracker.set_states(state["tracker"])
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import glob
 import os
 import re
+import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from megatron_bloom.cli import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
+from megatron_bloom.layers.duplicated import tp_copies_drift
 
 StateDict = Dict[str, Tensor]
 
@@ -241,7 +243,12 @@ def shard_layer(full: StateDict, tp: int, rank: int, padded_vocab_size: int) -> 
 
 
 def merge_layer(shards: Sequence[StateDict], vocab_size: int, where: str) -> StateDict:
-    """Inverse of ``shard_layer``: concatenate split tensors, take TP rank 0's replicated ones."""
+    """Inverse of ``shard_layer``: concatenate split tensors; TP-duplicated ones are checked.
+
+    Copies of a duplicated tensor (LayerNorms, row-parallel biases) are equal in a healthy run and
+    then taken as they are. Copies that drifted apart are averaged, as BLOOM's own converter merged
+    them, and a warning names the tensor and the largest difference.
+    """
     keys = list(shards[0])
     for r, s in enumerate(shards[1:], 1):
         if set(s) != set(keys):
@@ -249,9 +256,19 @@ def merge_layer(shards: Sequence[StateDict], vocab_size: int, where: str) -> Sta
     out = {}
     for key in keys:
         dim = SPLIT_DIM.get(key)
-        # Replicated tensors are bitwise equal on every TP rank in our training (same inputs, same
-        # all-reduced gradients); rank 0's copy is the one the engine itself reports.
-        out[key] = shards[0][key] if dim is None or len(shards) == 1 else torch.cat([s[key] for s in shards], dim=dim)
+        if len(shards) == 1:
+            out[key] = shards[0][key]
+        elif dim is not None:
+            out[key] = torch.cat([s[key] for s in shards], dim=dim)
+        else:
+            copies = [s[key] for s in shards]
+            drift = tp_copies_drift(copies)
+            out[key] = copies[0]
+            if drift > 0:
+                print(f"warning: {where}: the {len(copies)} TP copies of '{key}' differ by up to {drift:.3g}; "
+                      f"using their mean (train with --sync-tp-duplicated-parameters to keep them equal)",
+                      file=sys.stderr, flush=True)
+                out[key] = torch.stack([c.double() for c in copies]).mean(0).to(copies[0].dtype)
     if EMBEDDING_KEY in out:
         out[EMBEDDING_KEY] = out[EMBEDDING_KEY][:vocab_size]  # drop rows added for TP divisibility
     return out
@@ -386,8 +403,7 @@ def checkpoint_tp(path: str, cfg: ModelConfig) -> int:
     return tp
 
 
-def read_layer(path: str, cfg: ModelConfig, idx: int, tp: int) -> StateDict:
-    """Merged full tensors of layer ``idx`` (layer-local keys, real vocabulary rows)."""
+def _layer_shards(path: str, idx: int, tp: int) -> List[StateDict]:
     shards = []
     for rank in range(tp):
         f = os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank))
@@ -395,7 +411,26 @@ def read_layer(path: str, cfg: ModelConfig, idx: int, tp: int) -> StateDict:
         if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
             raise UserError(f"{f} does not hold a dict of tensors")
         shards.append(sd)
-    return merge_layer(shards, cfg.vocab_size, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))
+    return shards
+
+
+def read_layer(path: str, cfg: ModelConfig, idx: int, tp: int) -> StateDict:
+    """Merged full tensors of layer ``idx`` (layer-local keys, real vocabulary rows)."""
+    return merge_layer(_layer_shards(path, idx, tp), cfg.vocab_size, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))
+
+
+def tp_duplicated_drift(path: str, cfg: ModelConfig) -> List[Tuple[str, float]]:
+    """(full key, largest difference) of every TP-duplicated tensor whose copies differ, one layer at a time."""
+    tp = checkpoint_tp(path, cfg)
+    drifted = []
+    for idx in range(cfg.num_layers + 3) if tp > 1 else ():
+        shards = _layer_shards(path, idx, tp)
+        for key in shards[0]:
+            if key not in SPLIT_DIM:
+                drift = tp_copies_drift([s[key] for s in shards])
+                if drift > 0:
+                    drifted.append((next(iter(full_keys(cfg, idx, {key: None}))), drift))
+    return drifted
 
 
 def _engine_state_layers(path: str, cfg: ModelConfig) -> Tuple[List[str], List[Dict[int, StateDict]]]:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any, Dict
 
+from megatron_bloom.cli import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 TP_REPLICATED = [
@@ -48,6 +49,26 @@ def universal_checkpoint_info(cfg: ModelConfig) -> Dict[str, Any]:
     }
 
 
+def refuse_drifted_copies(path: str) -> None:
+    """Stop before converting a checkpoint whose TP-duplicated copies differ.
+
+    DeepSpeed's converter asserts that the copies of every ``tp_replicated`` parameter are equal;
+    this says which ones are not, by how much, and what to do, instead of its AssertionError.
+    """
+    from megatron_bloom.checkpoint.native import STATE_FILE, model_config_from_state, read_state, tp_duplicated_drift
+
+    cfg = model_config_from_state(read_state(path), os.path.join(path, STATE_FILE))
+    drifted = tp_duplicated_drift(path, cfg)
+    if drifted:
+        key, drift = max(drifted, key=lambda kv: kv[1])
+        raise UserError(
+            f"{path}: the TP copies of {len(drifted)} duplicated parameters differ (the most: '{key}', by {drift:.3g}), "
+            f"so changing the layout cannot merge them; resume at the saved layout (with "
+            f"--sync-tp-duplicated-parameters to keep the copies equal from there), or export with "
+            f"'convert_checkpoint.py native-to-hf' (which averages them) and start from the export"
+        )
+
+
 def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, workers: int = 1) -> None:
     """Run DeepSpeed's converter on ``checkpoint_dir/tag`` into ``output_dir/tag`` (one process).
 
@@ -57,6 +78,7 @@ def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, workers
     final = os.path.join(output_dir, tag)
     if os.path.isdir(final):
         return
+    refuse_drifted_copies(os.path.join(checkpoint_dir, tag))
     tmp = final + ".converting"
     cmd = [
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",

@@ -37,10 +37,10 @@ class ModelConfig:
     """Epsilon of every LayerNorm."""
     init_method_std: float = 0.0048
     """Standard deviation of the normal weight init (BLOOM-176B used 0.0048)."""
-    hidden_dropout: float = 0.0
-    """Dropout on the outputs of attention and MLP before the residual add."""
-    attention_dropout: float = 0.0
-    """Dropout on the attention probabilities."""
+    hidden_dropout: float = 0.1
+    """Dropout on the embedding output and on the attention and MLP outputs before the residual add (Megatron's default, which BLOOM trained with)."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities (Megatron's default, which BLOOM trained with)."""
     apply_residual_connection_post_layernorm: bool = False
     """Residual taken after the LayerNorm instead of before it (False in every released BLOOM)."""
     checkpoint_activations: bool = False
@@ -81,6 +81,8 @@ class ParallelConfig:
     """'nccl' or 'gloo'; None picks nccl when CUDA is available, else gloo."""
     distributed_timeout_minutes: float = 10.0
     """Timeout of every collective; a lost rank makes the others fail after this long instead of hanging."""
+    sync_tp_duplicated_parameters: bool = False
+    """Average the parameters every TP rank holds a copy of (LayerNorms, row-parallel biases) over the TP group in every forward, as Megatron-DeepSpeed's flag (BLOOM-176B's copies drifted apart in bf16)."""
 
 
 @dataclass

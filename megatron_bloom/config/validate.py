@@ -113,6 +113,9 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
 
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.sync_tp_duplicated_parameters and p.zero_stage == 3:
+        raise ConfigError("sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3 "
+                          "partitions; use zero_stage 0, 1 or 2")
     if pp > 1 and p.zero_stage > 1:
         raise ConfigError(
             f"zero_stage={p.zero_stage} cannot be combined with pipeline_model_parallel_size={pp} "

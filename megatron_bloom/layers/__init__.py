@@ -8,7 +8,7 @@ from .mappings import (
     reduce_from_tensor_parallel_region,
     scatter_to_tensor_parallel_region,
 )
-from .random import RNGStatesTracker, TensorParallelDropout, model_parallel_tracker
+from .random import RNGStatesTracker, model_parallel_tracker, seed_dropout_streams
 
 __all__ = [
     "ColumnParallelLinear",
@@ -21,6 +21,6 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "scatter_to_tensor_parallel_region",
     "RNGStatesTracker",
-    "TensorParallelDropout",
     "model_parallel_tracker",
+    "seed_dropout_streams",
 ]

@@ -20,7 +20,8 @@ from megatron_bloom.cli import UserError
 from megatron_bloom.config.schema import RunConfig
 from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState
-from megatron_bloom.layers import model_parallel_tracker
+from megatron_bloom.layers import RNGStatesTracker, seed_dropout_streams
+from megatron_bloom.layers.duplicated import sync_tp_duplicated_parameters_
 from megatron_bloom.models.bloom.pipeline import (
     BloomSequential,
     LMLoss,
@@ -105,7 +106,8 @@ class BloomEngine:
         m, p = cfg.model, cfg.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         self.padded_vocab_size = m.padded_vocab_size(tp)
-        self.tracker = model_parallel_tracker(cfg.training.seed, state.tp_rank)
+        # Attention dropout's stream; seeded below, once building has stopped reseeding per layer.
+        self.tracker = RNGStatesTracker(state.device)
         vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
         specs = bloom_layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
         loss_fn = LMLoss(state.tp_group if tp > 1 else None, vocab_start)
@@ -128,11 +130,14 @@ class BloomEngine:
                 partition_method=p.pp_partition_method,
             )
             # Seeds per layer while building only. Left on, DeepSpeed reseeds every forward from a
-            # micro-batch counter that restarts at 0 in each process: a resumed run repeated the
-            # first steps' dropout masks (not bitwise); now dropout draws from the saved RNG streams.
+            # micro-batch counter that restarts at 0 in each process, so a resumed run would repeat
+            # the first steps' dropout masks; dropout draws from the saved RNG streams instead.
             module.seed_layers = False
         else:
             module = BloomSequential(specs, loss_fn, cfg.training.seed)
+        if p.sync_tp_duplicated_parameters:
+            # Before the owner marks below, which reuse the attribute that tells shards apart.
+            sync_tp_duplicated_parameters_(module, state.tp_group if tp > 1 else None)
         mark_grad_norm_owners(module, state.tp_rank)
         # Saved with every checkpoint: how TP shards merge when the layout changes on resume.
         module.universal_checkpoint_info = universal_checkpoint_info(m)
@@ -150,6 +155,8 @@ class BloomEngine:
             config=self.ds_config,
             mpu=None if self.is_pipeline else DeepSpeedMPU(state),
         )
+        # After everything that may draw random numbers while building (per-layer init seeds).
+        self.seed_dropout(cfg.training.seed)
         self.gradient_accumulation_steps = gradient_accumulation_steps(cfg)
         t = cfg.training
         if t.clip_grad > 0 and not (t.fp16 or t.bf16 or p.zero_stage > 0):
@@ -166,6 +173,10 @@ class BloomEngine:
         # _exec_optimizer_step; plain: step() at the accumulation boundary), with every gradient of
         # the step computed: the one place to agree on skipping before anything is applied.
         self.engine._take_model_step = self._guarded_model_step
+
+    def seed_dropout(self, seed: int) -> None:
+        """Seed this rank's dropout streams from ``seed`` as Megatron-DeepSpeed does (layers/random.py)."""
+        seed_dropout_streams(self.tracker, seed, self.state.tp_rank, self.state.pp_rank)
 
     def _guarded_model_step(self, lr_kwargs=None) -> None:
         found = self._nonfinite = self.guard.agree()

@@ -192,8 +192,10 @@ class Trainer:
         self.lr_schedule.load_state_dict(s["lr_schedule"])
         restored = load_rng(info, self.rank, self.same_layout, self.engine.tracker)
         if not restored:
-            # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically.
+            # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically,
+            # each stage and TP rank its own as at the start of a run.
             set_seed(self.cfg.training.seed + self.iteration)
+            self.engine.seed_dropout(self.cfg.training.seed + self.iteration)
         _log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
               + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
 

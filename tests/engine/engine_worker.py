@@ -10,10 +10,12 @@ SEQ = 32
 VOCAB = 250
 
 
-def tiny_config(tp, pp, zero, mbs=2, gbs=8, clip=0.5, **training):
+def tiny_config(tp, pp, zero, mbs=2, gbs=8, clip=0.5, model=None, parallel=None, **training):
     cfg = RunConfig()
     cfg.model = ModelConfig(num_layers=4, hidden_size=48, num_attention_heads=4, vocab_size=VOCAB,
-                            seq_length=SEQ, init_method_std=0.05)
+                            seq_length=SEQ, init_method_std=0.05,
+                            # Layouts are compared step for step: each layout draws other dropout masks.
+                            hidden_dropout=0.0, attention_dropout=0.0)
     cfg.parallel.tensor_model_parallel_size = tp
     cfg.parallel.pipeline_model_parallel_size = pp
     cfg.parallel.zero_stage = zero
@@ -24,8 +26,9 @@ def tiny_config(tp, pp, zero, mbs=2, gbs=8, clip=0.5, **training):
     cfg.training.weight_decay = 0.1
     cfg.training.train_iters = 100
     cfg.training.seed = 42
-    for k, v in training.items():
-        setattr(cfg.training, k, v)
+    for section, values in (("training", training), ("model", model or {}), ("parallel", parallel or {})):
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Named BLOOM architectures and a parameter counter that allocates nothing.
 
 The released checkpoints all have 250,880 embedding rows (the tokenizer's 250,680 tokens padded
-by Megatron), sequence length 2048, LayerNorm epsilon 1e-5, no dropout at release.
+by Megatron), sequence length 2048, LayerNorm epsilon 1e-5. Dropout is a training choice, not part
+of the architecture: a named model keeps the run's (0.1 by default, as BLOOM trained).
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ _BLOOM_COMMON: Dict[str, Any] = dict(
     seq_length=2048,
     layer_norm_epsilon=1e-5,
     init_method_std=0.0048,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
 )
 
 NAMED_MODELS: Dict[str, Dict[str, Any]] = {

@@ -25,9 +25,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.layers.random import dropout_rng, recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import AlibiMask, alibi_slopes, make_alibi_mask
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
 
@@ -35,16 +35,13 @@ KVCache = List[Tuple[Tensor, Tensor]]
 """Per layer (key, value), each ``[b, np, sk, hn]``."""
 
 
-def _dropout_active(module: nn.Module, training: bool) -> bool:
-    # A swapped-in dropout (e.g. one that forks a tensor-parallel RNG) may have no `p`; assume
-    # it does something so the path that calls the module is taken.
-    if isinstance(module, nn.Identity):
-        return False
-    return training and getattr(module, "p", 1.0) > 0
-
-
 class BloomAttention(nn.Module):
-    """Self-attention with ALiBi; fused QKV stored per head as ``[np, 3, hn]`` like BLOOM."""
+    """Self-attention with ALiBi; fused QKV stored per head as ``[np, 3, hn]`` like BLOOM.
+
+    Attention-probability dropout draws inside ``rng_tracker.fork()`` when a tracker is set (the
+    training engine sets one on every rank, so each TP rank and stage has its own masks); without
+    one, from the default generator.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -62,6 +59,7 @@ class BloomAttention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attention_dropout = nn.Dropout(cfg.attention_dropout)
         self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.rng_tracker = None
         self.set_head_range(0, cfg.num_attention_heads)
 
     def set_head_range(self, start: int, count: int) -> None:
@@ -119,12 +117,14 @@ class BloomAttention(nn.Module):
         present = (key, value) if use_cache else None
 
         bias = mask.bias(self.alibi_slopes, query.dtype)  # [b|1, np, sq, sk]
-        # The sdpa kernel would apply dropout with its own RNG, bypassing `attention_dropout`
-        # (which a parallel wrapper may have replaced), so dropout forces the eager path.
-        if self.attention_impl == "sdpa" and not _dropout_active(self.attention_dropout, self.training):
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, scale=1.0 / math.sqrt(hn)
-            )  # [b, np, sq, hn]
+        if self.attention_impl == "sdpa":
+            # The kernel drops probabilities with the device's default generator: drawn inside the
+            # tracker's fork, the masks come from this rank's tensor-parallel stream.
+            p = self.attention_dropout.p if self.training else 0.0
+            with dropout_rng(self.rng_tracker):
+                context = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=bias, dropout_p=p, scale=1.0 / math.sqrt(hn)
+                )  # [b, np, sq, hn]
         else:
             context = self._eager_attention(query, key, value, bias)  # [b, np, sq, hn]
 
@@ -145,7 +145,8 @@ class BloomAttention(nn.Module):
             # (left-padding query) would then be all -inf and softmax NaN.
             scores = scores.clamp_min(torch.finfo(torch.float16).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [b*np, sq, sk]
-        probs = self.attention_dropout(probs.view(b, np_local, sq, sk))  # [b, np, sq, sk]
+        with dropout_rng(self.rng_tracker):
+            probs = self.attention_dropout(probs.view(b, np_local, sq, sk))  # [b, np, sq, sk]
         v = value.reshape(b * np_local, sk, hn)  # [b*np, sk, hn]
         context = torch.bmm(probs.view(b * np_local, sq, sk), v)  # [b*np, sq, hn]
         return context.view(b, np_local, sq, hn)  # [b, np, sq, hn]
@@ -193,19 +194,24 @@ class BloomBlock(nn.Module):
 
 
 class BloomModel(nn.Module):
-    """Embedding + its LayerNorm, the blocks, the final LayerNorm (transformers' ``transformer``)."""
+    """Embedding + its LayerNorm, the blocks, the final LayerNorm (transformers' ``transformer``).
+
+    In training, hidden dropout also applies to the embedding output after its LayerNorm, as
+    Megatron-DeepSpeed trained BLOOM (transformers' BLOOM, an inference model, has none there).
+    """
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int):
         super().__init__()
         self.word_embeddings = nn.Embedding(padded_vocab_size, cfg.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         self.h = nn.ModuleList([BloomBlock(cfg) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.checkpoint_activations = cfg.checkpoint_activations
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Pipeline stage 0: ``[b, s]`` token ids -> ``[b, s, h]``."""
-        return self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        return self.embedding_dropout(self.word_embeddings_layernorm(self.word_embeddings(input_ids)))
 
     def forward(
         self,
@@ -222,13 +228,12 @@ class BloomModel(nn.Module):
         )
         hidden_states = self.embed(input_ids)  # [b, s, h]
         presents: Optional[KVCache] = [] if use_cache else None
-        recompute = self.checkpoint_activations and torch.is_grad_enabled() and not use_cache
+        recompute_blocks = self.checkpoint_activations and torch.is_grad_enabled() and not use_cache
         for i, block in enumerate(self.h):
             layer_past = past_key_values[i] if past_key_values else None
-            if recompute:
-                # Non-reentrant: works with inputs that need no grad and keeps dropout's RNG state.
-                hidden_states, present = checkpoint(
-                    block, hidden_states, mask, layer_past, False, use_reentrant=False
+            if recompute_blocks:
+                hidden_states, present = recompute(
+                    block, hidden_states, mask, layer_past, False, trackers=trackers_in(block)
                 )
             else:
                 hidden_states, present = block(hidden_states, mask, layer_past, use_cache)

@@ -8,7 +8,7 @@ Each TP rank builds (or loads) the same full model, then keeps its shard:
     dense_h_to_4h        -> ColumnParallelLinear     rows   [r*4h/tp, (r+1)*4h/tp)
     dense_4h_to_h        -> RowParallelLinear        input columns of those rows
     lm_head              -> ParallelLMHead on the local embedding rows (logits stay vocab-split)
-    attention_dropout    -> TensorParallelDropout (its own RNG stream per TP rank)
+    attention dropout    -> draws from the rank's "model-parallel" RNG stream (layers/random.py)
     ALiBi slopes         -> the rank's heads only
 
 LayerNorms and row-parallel biases stay replicated: every rank computes them from identical
@@ -28,7 +28,6 @@ from megatron_bloom.layers import (
     ColumnParallelLinear,
     RNGStatesTracker,
     RowParallelLinear,
-    TensorParallelDropout,
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
     vocab_parallel_cross_entropy,
@@ -78,8 +77,15 @@ def parallelize_bloom(
 
 
 def shard_block_(block: nn.Module, cfg, tp_group: Group, tracker: Optional[RNGStatesTracker]) -> None:
-    """Replace one BloomBlock's linears by their TP shards for the calling rank (in place)."""
+    """Replace one BloomBlock's linears by their TP shards for the calling rank (in place).
+
+    ``tracker`` (any TP size) becomes the stream the block's attention dropout draws from.
+    """
     tp, rank = group_size(tp_group), group_rank(tp_group)
+    if tracker is not None:
+        block.self_attention.rng_tracker = tracker
+    elif tp > 1 and cfg.attention_dropout > 0:
+        raise ValueError("attention_dropout > 0 with TP > 1 needs a model-parallel RNG tracker")
     if tp == 1:
         return
     heads_per_rank = cfg.num_attention_heads // tp
@@ -89,10 +95,6 @@ def shard_block_(block: nn.Module, cfg, tp_group: Group, tracker: Optional[RNGSt
     attn.set_head_range(rank * heads_per_rank, heads_per_rank)
     mlp.dense_h_to_4h = ColumnParallelLinear(mlp.dense_h_to_4h, tp_group)
     mlp.dense_4h_to_h = RowParallelLinear(mlp.dense_4h_to_h, tp_group)
-    if cfg.attention_dropout > 0:
-        if tracker is None:
-            raise ValueError("attention_dropout > 0 with TP > 1 needs a model-parallel RNG tracker")
-        attn.attention_dropout = TensorParallelDropout(cfg.attention_dropout, tracker)
 
 
 def vocab_start_index(model: nn.Module) -> int:

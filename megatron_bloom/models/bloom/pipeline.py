@@ -24,11 +24,11 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megatron_bloom.layers.mappings import Group, group_size
+from megatron_bloom.layers.random import recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
 from megatron_bloom.models.bloom.model import BloomBlock, TiedLMHead
@@ -75,14 +75,17 @@ def lm_head_forward(embedding: EmbeddingPipe, inputs: Activation) -> torch.Tenso
 
 
 class EmbedLayerNormPipe(nn.Module):
+    """The embedding's LayerNorm, then hidden dropout on the embedding output (Megatron-DeepSpeed's)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         init_layernorm_(self.word_embeddings_layernorm)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, inputs: Activation) -> Activation:
         hidden, segment_ids = _split(inputs)
-        return _join(self.word_embeddings_layernorm(hidden), segment_ids)
+        return _join(self.embedding_dropout(self.word_embeddings_layernorm(hidden)), segment_ids)
 
 
 class TransformerBlockPipe(BloomBlock):
@@ -103,8 +106,7 @@ class TransformerBlockPipe(BloomBlock):
     def forward(self, inputs: Activation) -> Activation:
         hidden, segment_ids = _split(inputs)
         if self.recompute and torch.is_grad_enabled():
-            # Non-reentrant checkpoint: restores the RNG state for dropout when recomputing.
-            out = checkpoint(self._block, hidden, segment_ids, use_reentrant=False)
+            out = recompute(self._block, hidden, segment_ids, trackers=trackers_in(self))
         else:
             out = self._block(hidden, segment_ids)
         return _join(out, segment_ids)
