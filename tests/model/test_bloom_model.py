@@ -150,26 +150,6 @@ def test_megatron_init():
             assert abs(p.std().item() - 0.02) < 0.002, name
 
 
-def test_dropouts_are_swappable_modules():
-    model = BloomForCausalLM(tiny_config(attention_impl="sdpa"))
-    block = model.transformer.h[0]
-    assert isinstance(block.self_attention.attention_dropout, nn.Dropout)
-    assert isinstance(block.self_attention.hidden_dropout, nn.Dropout)
-    assert isinstance(block.mlp.hidden_dropout, nn.Dropout)
-    calls = []
-
-    class Recording(nn.Module):  # a stand-in for a tensor-parallel RNG-forking dropout
-        def forward(self, x):
-            calls.append(tuple(x.shape))
-            return x
-
-    for b in model.transformer.h:
-        b.self_attention.attention_dropout = Recording()
-    model.train()(torch.randint(0, 250, (2, 5)))
-    # sdpa cannot call a module inside its kernel, so the eager path is taken.
-    assert calls == [(2, 6, 5, 5)] * 2
-
-
 def test_local_heads_follow_query_key_value_shape():
     """Two 'ranks' holding heads 0-2 and 3-5 add up to the full attention (row-parallel dense)."""
     _, model, cfg = twin_models()

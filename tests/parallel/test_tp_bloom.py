@@ -139,7 +139,8 @@ def _dropout_streams():
     torch.manual_seed(7)  # the default generator: identical on both ranks
     attn = model.transformer.h[0].self_attention
     x = torch.ones(1, 4, 8, 8)
-    mask_attn = attn.attention_dropout(x) == 0
+    with attn.rng_tracker.fork():  # where the attention forward draws its probabilities' masks
+        mask_attn = attn.attention_dropout(x) == 0
     mask_hidden = attn.hidden_dropout(torch.ones(64)) == 0
     both_attn = _gather(mask_attn.float(), 0, dist.group.WORLD)
     both_hidden = _gather(mask_hidden.float()[None], 0, dist.group.WORLD)
