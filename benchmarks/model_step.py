@@ -8,6 +8,7 @@ timed steps after warmup is reported.
     python benchmarks/model_step.py                 # markdown table
     python benchmarks/model_step.py --json          # ... and one JSON object as the last line
     python benchmarks/model_step.py --dtype bf16    # torch.autocast(bfloat16) for both
+    python benchmarks/model_step.py --dropout 0.1   # both with BLOOM's training dropout
     python benchmarks/model_step.py --plot bench_out  # ... and a PNG bar chart
 
 Model FLOPs use Megatron's formula (the one in the training logs); MFU is achieved model FLOP/s
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     add_model_args(p, hidden_size=512, num_layers=8, vocab_size=8192, seq_length=512, micro_batch_size=4)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--attention-impl", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="hidden and attention dropout of both models (0.1 is what BLOOM trained with)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -79,6 +82,8 @@ def build_models(args):
         seq_length=args.seq_length,
         attention_impl=args.attention_impl,
         init_method_std=0.02,
+        hidden_dropout=args.dropout,
+        attention_dropout=args.dropout,
     )
     hcfg = bloom_config_from_model_config(cfg, attn_implementation="eager", use_cache=False)
     torch.manual_seed(0)
@@ -166,6 +171,7 @@ def main(argv=None):
         "micro_batch_size": b,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
+        "dropout": args.dropout,
         "threads": torch.get_num_threads(),
         "denormals_flushed": denormals_flushed,
         "timed_steps": args.steps,
@@ -175,7 +181,7 @@ def main(argv=None):
     }
     print(
         f"BLOOM training step, h={args.hidden_size} L={args.num_layers} heads="
-        f"{args.num_attention_heads} vocab={args.vocab_size} seq={s} mbs={b} {args.dtype}, "
+        f"{args.num_attention_heads} vocab={args.vocab_size} seq={s} mbs={b} {args.dtype} dropout={args.dropout}, "
         f"ours attention={args.attention_impl}, torch threads={torch.get_num_threads()}, "
         f"denormals flushed to zero (both models): {'yes' if denormals_flushed else 'no'}\n"
     )
