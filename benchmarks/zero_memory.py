@@ -52,7 +52,10 @@ def model_config(args, zero_stage: int = 0, checkpoint_activations: bool = False
     cfg.model = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size,
                             num_attention_heads=args.num_attention_heads, vocab_size=args.vocab_size,
                             seq_length=args.seq_length, init_method_std=0.02,
-                            checkpoint_activations=checkpoint_activations, attention_impl=attention_impl)
+                            checkpoint_activations=checkpoint_activations, attention_impl=attention_impl,
+                            # Without dropout, as in the README's figures (with it, CPU adds its masks in
+                            # the input dtype: see planning/memory.py).
+                            hidden_dropout=0.0, attention_dropout=0.0)
     cfg.parallel.zero_stage = zero_stage
     cfg.parallel.distributed_backend = "gloo"
     t = cfg.training
@@ -187,7 +190,7 @@ def measure_activations(args) -> List[dict]:
                 model(ids, labels).backward()
 
             peak = profiled_peak_bytes(step)
-            block_full = block_activation_bytes(cfg.model, s, b, 1, "fp32")  # s b h (64 + 4 a s / h) here
+            block_full = block_activation_bytes(cfg.model, s, b, 1, "fp32", mask_in_input_dtype=True)  # s b h (64 + 4 a s / h)
             per_block = e * s * b * h if recompute else block_full
             # Outside the blocks: the embedding output (word_embeddings_layernorm's input), ln_f's and
             # the LM head's inputs, and the softmax the loss keeps ([b, s, Vp], fp32).

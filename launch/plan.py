@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     arch = p.add_argument_group("architecture overrides (the trainer's flags; applied to --model)")
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--vocab-size"):
         arch.add_argument(flag, type=int)
+    for flag in ("--hidden-dropout", "--attention-dropout"):
+        arch.add_argument(flag, type=float, help="activation memory counts dropout masks when > 0 (default 0.1)")
+    arch.add_argument("--attention-impl", choices=["sdpa", "eager"])
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
@@ -105,7 +108,8 @@ def _resolve(args):
     for required in ("nodes", "gpus_per_node"):
         if required not in merged:
             raise ConfigError(f"give --{required.replace('_', '-')}")
-    for name in ("seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+    for name in ("seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                 "hidden_dropout", "attention_dropout", "attention_impl"):
         if name in merged:
             setattr(model, name, merged[name])
     memory = merged.get("gpu_memory_gib")

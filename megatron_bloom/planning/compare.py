@@ -54,7 +54,8 @@ def measure_and_compare(e: Estimate, steps: int = 3) -> Optional[Dict]:
     if rank != 0:
         return None
 
-    acts_predicted = block_activation_bytes(e.model, e.model.seq_length, e.layout.micro_batch_size, 1, e.layout.precision)
+    acts_predicted = block_activation_bytes(e.model, e.model.seq_length, e.layout.micro_batch_size, 1, e.layout.precision,
+                                            e.cluster.accelerator.dropout_mask_in_input_dtype)
 
     print("measured on the live engine (bytes; ratio = measured / predicted)")
     print("  rank stage  params(meas/pred)       kind              predicted       measured   ratio")

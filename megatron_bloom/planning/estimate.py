@@ -130,7 +130,8 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
             stage_memory(st, model, seq_length=model.seq_length, micro_batch_size=layout.micro_batch_size,
                          micro_batches=micro_batches, tp=tp, pp=pp, dp=dp, zero_stage=layout.zero_stage,
                          precision=layout.precision, recompute=layout.checkpoint_activations,
-                         reduce_bucket_size=_reduce_bucket_size(cfg))
+                         reduce_bucket_size=_reduce_bucket_size(cfg),
+                         mask_in_input_dtype=acc.dropout_mask_in_input_dtype)
             for st in plan_stages
         ]
     except PlanError as exc:

@@ -32,6 +32,8 @@ class Accelerator:
     """GB/s per GPU per direction between nodes (InfiniBand / Omni-Path)."""
     supports_bf16: bool = True
     """V100 has no bf16 units."""
+    dropout_mask_in_input_dtype: bool = False
+    """torch keeps a dropout mask as 1-byte bools on GPUs and in the input's dtype on CPUs."""
 
     def peak_tflops(self, precision: str) -> float:
         return self.peak_tflops_16bit if precision in ("bf16", "fp16") else self.peak_tflops_16bit / 2
@@ -47,7 +49,7 @@ def _cpu() -> Accelerator:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     except (ValueError, OSError, AttributeError):
         ram = 16.0
-    return Accelerator("cpu", ram, 0.1, 5.0, 5.0)
+    return Accelerator("cpu", ram, 0.1, 5.0, 5.0, dropout_mask_in_input_dtype=True)
 
 
 ACCELERATORS: Dict[str, Accelerator] = {

@@ -24,10 +24,11 @@ two at once for ZeRO-1 under the pipeline engine (see ``reduce_bucket_bytes``).
 
 Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models" (Megatron's eager attention, no sequence parallelism), with e bytes per activation
-element (2 for bf16/fp16, 4 for fp32) and 1-byte dropout masks only when dropout is on. One block,
-one micro-batch of b sequences of s tokens, hidden h, a heads, TP t:
+element (2 for bf16/fp16, 4 for fp32) and dropout masks of k bytes per element only when dropout is
+on (k = 1 on GPUs, where torch keeps bool masks; k = e on CPUs, where it keeps them in the input's
+dtype). One block, one micro-batch of b sequences of s tokens, hidden h, a heads, TP t:
 
-    full   s b h (4e + 2 m_h)  +  s b h 12e / t  +  a s^2 b (e + m_a (1 + e)) / t
+    full   s b h (4e + 2 k m_h)  +  s b h 12e / t  +  a s^2 b (e + m_a (k + e)) / t
            [LN and QKV/MLP inputs are replicated; Q, K, V, dense input, GeLU in/out are split;
             softmax output (+ its dropout mask and output)]; with e=2 and dropout on this is the
             paper's s b h (34 -> 10 + 24/t + 5 a s / (h t))
@@ -89,16 +90,18 @@ def reduce_bucket_bytes(precision: str, zero_stage: int, reduce_bucket_size: flo
     return (2 if zero_stage == 1 else 1) * reduce_bucket_size * element_bytes(precision)
 
 
-def block_activation_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, precision: str) -> float:
+def block_activation_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, precision: str,
+                           mask_in_input_dtype: bool = False) -> float:
     """Full (not recomputed) activations one block keeps for one micro-batch; see the module docstring."""
     e = element_bytes(precision)
     s, b, h, a = seq_length, micro_batch_size, cfg.hidden_size, cfg.num_attention_heads
-    mask_h = 1 if cfg.hidden_dropout > 0 else 0
+    k = e if mask_in_input_dtype else 1
+    mask_h = k if cfg.hidden_dropout > 0 else 0
     mask_a = 1 if cfg.attention_dropout > 0 else 0
     ffn_scale = cfg.ffn_size / (4 * h)  # GeLU in/out are 4e of the 12e when ffn = 4h
     replicated = s * b * h * (4 * e + 2 * mask_h)
     split = s * b * h * (4 * e + 8 * e * ffn_scale) / tp
-    attention = a * s * s * b * (e + mask_a * (1 + e)) / tp
+    attention = a * s * s * b * (e + mask_a * (k + e)) / tp
     return replicated + split + attention
 
 
@@ -120,7 +123,7 @@ class StageMemory:
 
 def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch_size: int, micro_batches: int,
                  tp: int, pp: int, dp: int, zero_stage: int, precision: str, recompute: bool,
-                 reduce_bucket_size: float) -> StageMemory:
+                 reduce_bucket_size: float, mask_in_input_dtype: bool = False) -> StageMemory:
     w, g, o = state_bytes_per_parameter(precision, zero_stage, dp)
     n = stage.parameters
     weights = n * w
@@ -132,7 +135,7 @@ def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch
     e = element_bytes(precision)
     s, b, h = seq_length, micro_batch_size, cfg.hidden_size
     in_flight = min(pp - stage.index, micro_batches)
-    full = block_activation_bytes(cfg, s, b, tp, precision)
+    full = block_activation_bytes(cfg, s, b, tp, precision, mask_in_input_dtype)
     per_block = e * s * b * h if recompute else full
     acts = in_flight * stage.blocks * per_block
     if recompute and stage.blocks:
