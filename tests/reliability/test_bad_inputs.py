@@ -128,6 +128,12 @@ def p(tmp_path_factory) -> Dict[str, object]:
     s = torch.load(state, weights_only=True)
     s.update(weights_only=False, layout={"tp": 2, "pp": 1, "dp": 1, "zero": 1})
     torch.save(s, state)
+    # ... whose TP copies of one LayerNorm drifted apart (as BLOOM-176B's did in bf16).
+    shutil.copytree(d / "ckpt_trained_tp2", d / "ckpt_drifted_tp2")
+    layer = d / "ckpt_drifted_tp2" / "global_step0" / "layer_02-model_01-model_states.pt"
+    sd = torch.load(layer, weights_only=True)
+    sd["input_layernorm.weight"] = sd["input_layernorm.weight"] + 0.01
+    torch.save(sd, layer)
 
     # .bin/.idx pairs that do not match: a .bin cut short, an .idx cut short, a .bin of another run.
     data = d / "corpus_text_document"
@@ -245,6 +251,10 @@ PRETRAIN_CASES = {
     "checkpoint-truncated-state": (lambda p: ["--load", p["d"] / "ckpt_bad_state"], "megatron_bloom.pt is corrupt or truncated"),
     "checkpoint-other-layout-zero0": (lambda p: ["--load", p["d"] / "ckpt_trained_tp2", "--zero-stage", "0"], "needs ZeRO-1 on both sides"),
     "save-dir-unwritable": (lambda p: ["--save", p["file"] / "ckpt"], "a_file is a file, not a folder"),
+    "sync-tp-with-zero3": (lambda p: ["--sync-tp-duplicated-parameters", "--zero-stage", "3"],
+                           "sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3"),
+    "tp-copies-drifted": (lambda p: ["--load", p["d"] / "ckpt_drifted_tp2"],
+                          "the TP copies of 1 duplicated parameters differ (the most: 'transformer.h.0.input_layernorm.weight', by 0.01)"),
 }
 
 
