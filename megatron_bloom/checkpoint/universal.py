@@ -62,7 +62,7 @@ def refuse_drifted_copies(path: str) -> None:
     if drifted:
         key, drift = max(drifted, key=lambda kv: kv[1])
         raise UserError(
-            f"{path}: the TP copies of {len(drifted)} duplicated parameters differ (the most: '{key}', by {drift:.3g}), "
+            f"{path}: the TP copies of duplicated parameters differ ({len(drifted)} of them; the most: '{key}', by {drift:.3g}), "
             f"so changing the layout cannot merge them; resume at the saved layout (with "
             f"--sync-tp-duplicated-parameters to keep the copies equal from there), or export with "
             f"'convert_checkpoint.py native-to-hf' (which averages them) and start from the export"

@@ -254,7 +254,7 @@ PRETRAIN_CASES = {
     "sync-tp-with-zero3": (lambda p: ["--sync-tp-duplicated-parameters", "--zero-stage", "3"],
                            "sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3"),
     "tp-copies-drifted": (lambda p: ["--load", p["d"] / "ckpt_drifted_tp2"],
-                          "the TP copies of 1 duplicated parameters differ (the most: 'transformer.h.0.input_layernorm.weight', by 0.01)"),
+                          "the TP copies of duplicated parameters differ (1 of them; the most: 'transformer.h.0.input_layernorm.weight', by 0.01)"),
 }
 
 

@@ -121,7 +121,7 @@ class BloomAttention(nn.Module):
             # The kernel drops probabilities with the device's default generator: drawn inside the
             # tracker's fork, the masks come from this rank's tensor-parallel stream.
             p = self.attention_dropout.p if self.training else 0.0
-            with dropout_rng(self.rng_tracker):
+            with dropout_rng(self.rng_tracker if p > 0 else None):
                 context = F.scaled_dot_product_attention(
                     query, key, value, attn_mask=bias, dropout_p=p, scale=1.0 / math.sqrt(hn)
                 )  # [b, np, sq, hn]
