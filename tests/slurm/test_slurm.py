@@ -107,8 +107,16 @@ def read(path):
     return open(path).read() if os.path.exists(path) else ""
 
 
-def release_if_delayed(cluster, job):
-    """Slurm holds a requeued batch job back (BeginTime, ~2 min); start it now instead."""
+def release_if_delayed(cluster, job, requeued_at):
+    """Slurm holds a requeued batch job back (BeginTime, ~2 min); start it now instead.
+
+    Not within 2 s of the requeue: slurmd revokes the old run's job credential with a timestamp in
+    whole seconds and refuses a new credential made in that same second ("Killing non-startable
+    batch job: Job credential revoked"), which ends the requeued job as FAILED. That is what
+    Slurm's own delay avoids.
+    """
+    if time.monotonic() - requeued_at < 2.0:
+        return
     if job_field(cluster, job, "JobState") == "PENDING" and job_field(cluster, job, "Reason") == "BeginTime":
         slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
 
@@ -130,7 +138,9 @@ def test_usr1_saves_requeues_and_resumes(cluster, slurm_corpus, tmp_path):
         # Saves, exits 3, is requeued (Restarts=1), then resumes and finishes.
         wait_for(lambda: "=== stopped for requeue" in read(log_path), 240, "the requeue line", log_path=log_path)
         wait_for(lambda: job_field(cluster, job, "Restarts") == "1", 60, "Restarts=1")
-        wait_for(lambda: (release_if_delayed(cluster, job), gone(cluster, job))[1], 400, "the requeued job to finish")
+        requeued_at = time.monotonic()
+        wait_for(lambda: (release_if_delayed(cluster, job, requeued_at), gone(cluster, job))[1], 400,
+                 "the requeued job to finish")
     finally:
         subprocess.run(["scancel", job], env=cluster["env"], capture_output=True, timeout=30)
     log = read(log_path)
