@@ -20,8 +20,15 @@ from megatron_bloom.layers.mappings import Group, group_size
 
 
 def is_tp_duplicated(p: nn.Parameter) -> bool:
-    """A parameter the TP layers did not shard (they mark their shards ``tensor_model_parallel``)."""
-    return not getattr(p, "tensor_model_parallel", False)
+    """A parameter the TP layers did not shard.
+
+    The TP layers mark their shards ``tensor_model_parallel``; the engine's grad-norm owner marks
+    (``mark_grad_norm_owners``) reuse that attribute and keep the answer in ``tp_sharded``.
+    """
+    sharded = getattr(p, "tp_sharded", None)
+    if sharded is None:
+        sharded = getattr(p, "tensor_model_parallel", False)
+    return not sharded
 
 
 @torch.no_grad()

@@ -136,7 +136,6 @@ class BloomEngine:
         else:
             module = BloomSequential(specs, loss_fn, cfg.training.seed)
         if p.sync_tp_duplicated_parameters:
-            # Before the owner marks below, which reuse the attribute that tells shards apart.
             sync_tp_duplicated_parameters_(module, state.tp_group if tp > 1 else None)
         mark_grad_norm_owners(module, state.tp_rank)
         # Saved with every checkpoint: how TP shards merge when the layout changes on resume.

@@ -51,7 +51,9 @@ def first_masks(tp, pp):
 def duplicated_copies_equal_after_drift(sync, steps=2):
     """TP=2: put a drift into rank 1's copy of every duplicated parameter, train; are the copies equal again?"""
     engine, state, _ = _build_and_train(2, 1, 0, 0, parallel={"sync_tp_duplicated_parameters": sync}, clip=0.0)
-    duplicated = [p for p in engine.module.parameters() if not getattr(p, "tp_sharded", False)]
+    from megatron_bloom.layers.duplicated import is_tp_duplicated
+
+    duplicated = [p for p in engine.module.parameters() if is_tp_duplicated(p)]
     assert duplicated
     if state.tp_rank == 1:
         with torch.no_grad():

@@ -91,6 +91,13 @@ class BloomAttention(nn.Module):
             self._buffers["alibi_slopes"] = slopes.to(moved.device)
         return out
 
+    def _dropout_p(self) -> float:
+        return self.attention_dropout.p if self.training else 0.0
+
+    def _dropout_rng(self):
+        """Where attention dropout draws: the tracker's fork when something is dropped, else nowhere."""
+        return dropout_rng(self.rng_tracker if self._dropout_p() > 0 else None)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -120,10 +127,9 @@ class BloomAttention(nn.Module):
         if self.attention_impl == "sdpa":
             # The kernel drops probabilities with the device's default generator: drawn inside the
             # tracker's fork, the masks come from this rank's tensor-parallel stream.
-            p = self.attention_dropout.p if self.training else 0.0
-            with dropout_rng(self.rng_tracker if p > 0 else None):
+            with self._dropout_rng():
                 context = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=bias, dropout_p=p, scale=1.0 / math.sqrt(hn)
+                    query, key, value, attn_mask=bias, dropout_p=self._dropout_p(), scale=1.0 / math.sqrt(hn)
                 )  # [b, np, sq, hn]
         else:
             context = self._eager_attention(query, key, value, bias)  # [b, np, sq, hn]
@@ -145,7 +151,7 @@ class BloomAttention(nn.Module):
             # (left-padding query) would then be all -inf and softmax NaN.
             scores = scores.clamp_min(torch.finfo(torch.float16).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [b*np, sq, sk]
-        with dropout_rng(self.rng_tracker):
+        with self._dropout_rng():
             probs = self.attention_dropout(probs.view(b, np_local, sq, sk))  # [b, np, sq, sk]
         v = value.reshape(b * np_local, sk, hn)  # [b*np, sk, hn]
         context = torch.bmm(probs.view(b * np_local, sq, sk), v)  # [b*np, sq, hn]

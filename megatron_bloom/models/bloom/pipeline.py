@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron_bloom.layers.duplicated import is_tp_duplicated
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.layers.random import recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
@@ -98,6 +99,7 @@ class TransformerBlockPipe(BloomBlock):
         self.recompute = cfg.checkpoint_activations
         init_block_(self, cfg)
         shard_block_(self, cfg, tp_group, tracker)
+        self.rng_trackers = trackers_in(self)  # fixed once sharded: not searched for in every forward
 
     def _block(self, hidden: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
         mask = make_alibi_mask(hidden.shape[1], 0, None, segment_ids, hidden.device)
@@ -106,7 +108,7 @@ class TransformerBlockPipe(BloomBlock):
     def forward(self, inputs: Activation) -> Activation:
         hidden, segment_ids = _split(inputs)
         if self.recompute and torch.is_grad_enabled():
-            out = recompute(self._block, hidden, segment_ids, trackers=trackers_in(self))
+            out = recompute(self._block, hidden, segment_ids, trackers=self.rng_trackers)
         else:
             out = self._block(hidden, segment_ids)
         return _join(out, segment_ids)
@@ -214,7 +216,7 @@ def mark_grad_norm_owners(module: nn.Module, tp_rank: int) -> None:
     its rank; a TP-replicated one on TP rank 0 only; a tied copy that is not the owner, never.
     """
     for p in module.parameters():
-        sharded = bool(getattr(p, "tensor_model_parallel", False) or getattr(p, "tp_sharded", False))
+        sharded = not is_tp_duplicated(p)
         p.tp_sharded = sharded  # keeps "is this a shard" when the flags below say "not counted here"
         replicated_copy = bool(getattr(p, "ds_pipe_replicated", False))
         counted = not replicated_copy and (sharded or tp_rank == 0)
