@@ -82,7 +82,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        from megatron_bloom.cli import UserError
+        from megatron_bloom.errors import UserError
 
         raise UserError("--plot needs matplotlib; install it with: pip install -e '.[bench]'") from None
     matplotlib.use("Agg")
@@ -102,12 +102,3 @@ def finish(result: Dict, args, plot) -> None:
         print(json.dumps(result))
 
 
-def run_main(main) -> None:
-    """Run a benchmark's ``main``; bad arguments end with one ``error:`` line and exit code 2."""
-    from megatron_bloom.cli import UserError
-
-    try:
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)

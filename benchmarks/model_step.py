@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import add_model_args, format_run_info, pyplot, run_info  # noqa: E402
-from megatron_bloom.cli import fail  # noqa: E402
+from megatron_bloom.errors import fail  # noqa: E402
 from megatron_bloom.config.schema import ModelConfig  # noqa: E402
 from megatron_bloom.distributed.init import flush_denormals  # noqa: E402
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402

@@ -48,7 +48,8 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
+from megatron_bloom.errors import run_main  # noqa: E402
 
 DEFAULT_LAYOUTS = "1,1,1 2,1,1 1,2,1 1,1,2 2,2,1"
 ELEMENT_BYTES = 4  # fp32
@@ -349,7 +350,7 @@ def run_layout(args, tp: int, pp: int, dp: int, global_batch_size: int) -> dict:
 
 
 def parse_layouts(text: str) -> List[Tuple[int, int, int]]:
-    from megatron_bloom.cli import UserError
+    from megatron_bloom.errors import UserError
 
     layouts = []
     for item in text.split():
@@ -363,7 +364,7 @@ def parse_layouts(text: str) -> List[Tuple[int, int, int]]:
 
 def check_args(args) -> None:
     """Every layout and micro-batch count is checked before any process starts."""
-    from megatron_bloom.cli import UserError
+    from megatron_bloom.errors import UserError
 
     args.layout_list = parse_layouts(args.layouts)
     if args.zero_stage not in (0, 1):

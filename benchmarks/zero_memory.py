@@ -37,7 +37,8 @@ from typing import Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
-    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, run_main)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
+from megatron_bloom.errors import run_main  # noqa: E402
 
 ZERO_KINDS = ("weights", "gradients", "optimizer_states")
 PAPER_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2, 12)}
@@ -204,7 +205,7 @@ def measure_activations(args) -> List[dict]:
 
 
 def check_args(args) -> None:
-    from megatron_bloom.cli import UserError
+    from megatron_bloom.errors import UserError
 
     if args.precision == "bf16" and 0 in args.zero_stages:
         raise UserError("bf16 with ZeRO stage 0 does not start in DeepSpeed (no fp32-accumulating bf16 path "

@@ -23,7 +23,8 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bloom.cli import UserError, entry_point  # noqa: E402
+from megatron_bloom.cli import entry_point
+from megatron_bloom.errors import UserError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):

@@ -39,7 +39,8 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_tools.make_tasks import read_tasks  # noqa: E402
-from megatron_bloom.cli import UserError, entry_point  # noqa: E402
+from megatron_bloom.cli import entry_point
+from megatron_bloom.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "tokenizer", "preprocess", "pretrain", "export", "finetune", "evaluate")

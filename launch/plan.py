@@ -22,7 +22,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_bloom.cli import EXIT_USER_ERROR, fail  # noqa: E402
+from megatron_bloom.errors import EXIT_USER_ERROR, fail  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args):
     """(model config, cluster, layout, assumptions, search options) from flags, YAML and the published table."""
-    from megatron_bloom.config import ConfigError, parse_config
+    from megatron_bloom.config import parse_config
+    from megatron_bloom.errors import UserError
     from megatron_bloom.models.bloom.configs import NAMED_MODELS, named_model_config
     from megatron_bloom.planning import PUBLISHED, Assumptions, Cluster, Layout, accelerator
 
@@ -78,7 +79,7 @@ def _resolve(args):
     model = None
     if args.published:
         if args.published not in PUBLISHED:
-            raise ConfigError(f"unknown --published '{args.published}'; known: {', '.join(PUBLISHED)}")
+            raise UserError(f"unknown --published '{args.published}'; known: {', '.join(PUBLISHED)}")
         pub = PUBLISHED[args.published]
         base = dict(nodes=pub.nodes, gpus_per_node=pub.gpus_per_node, gpu=pub.gpu,
                     tp=pub.tensor_model_parallel_size, pp=pub.pipeline_model_parallel_size,
@@ -99,15 +100,15 @@ def _resolve(args):
                         precision="bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
                         pp_partition_method=p.pp_partition_method, rampup_batch_size=t.rampup_batch_size)
         else:
-            raise ConfigError(f"--model '{args.model}' is neither a known name ({', '.join(NAMED_MODELS)}) "
+            raise UserError(f"--model '{args.model}' is neither a known name ({', '.join(NAMED_MODELS)}) "
                               f"nor an existing YAML file")
     if model is None:
-        raise ConfigError("give --model NAME|CONFIG or --published NAME")
+        raise UserError("give --model NAME|CONFIG or --published NAME")
     given = {k: v for k, v in vars(args).items() if v is not None}
     merged = {**base, **given}
     for required in ("nodes", "gpus_per_node"):
         if required not in merged:
-            raise ConfigError(f"give --{required.replace('_', '-')}")
+            raise UserError(f"give --{required.replace('_', '-')}")
     for name in ("seq_length", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                  "hidden_dropout", "attention_dropout", "attention_impl"):
         if name in merged:
@@ -119,7 +120,7 @@ def _resolve(args):
         acc = accelerator(merged.get("gpu", "a100-80g"), memory, merged.get("intra_node_gbps"),
                           merged.get("inter_node_gbps"))
     except KeyError as exc:
-        raise ConfigError(exc.args[0]) from None
+        raise UserError(exc.args[0]) from None
     cluster = Cluster(merged["nodes"], merged["gpus_per_node"], acc)
     tp, pp, mbs = merged.get("tp", 1), merged.get("pp", 1), merged.get("micro_batch_size", 1)
     gbs = merged.get("global_batch_size")
@@ -127,7 +128,7 @@ def _resolve(args):
         name = model.model_name
         gbs = PUBLISHED[name].global_batch_size if name in PUBLISHED else None
         if gbs is None:
-            raise ConfigError("--search needs --global-batch-size")
+            raise UserError("--search needs --global-batch-size")
     if gbs is None:
         world = cluster.world_size
         gbs = mbs * max(world // max(tp * pp, 1), 1)  # no accumulation
@@ -155,14 +156,14 @@ def _search(args, model, cluster, layout, assumptions):
 
 
 def main(argv=None) -> int:
-    from megatron_bloom.config import ConfigError
+    from megatron_bloom.errors import UserError
     from megatron_bloom.planning import estimate
     from megatron_bloom.planning.report import layout_key, search_table, text, to_dict
 
     args = build_parser().parse_args(argv)
     try:
         model, cluster, layout, assumptions = _resolve(args)
-    except ConfigError as exc:
+    except UserError as exc:
         fail(str(exc))
     result = estimate(model, cluster, layout, assumptions)
     out = to_dict(result)

@@ -6,22 +6,11 @@ on stderr and exit code 2, never a traceback; the process group is destroyed on 
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Callable, Optional, Sequence, Tuple
 
-from megatron_bloom.config import ConfigError, RunConfig, parse_config, validate_config
+from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.distributed.launch_env import world_size_from_env
-
-EXIT_USER_ERROR = 2
-
-
-class UserError(ValueError):
-    """Bad input from the user (data, paths, checkpoints): reported in one line, exit code 2."""
-
-
-def fail(message: str, code: int = EXIT_USER_ERROR) -> "NoReturn":  # noqa: F821
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+from megatron_bloom.errors import run_main
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = True) -> Tuple[RunConfig, int]:
@@ -44,19 +33,12 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
     def wrapper(*args, **kwargs) -> None:
         from megatron_bloom.distributed.init import shutdown
 
-        code = 0
-        try:
+        def run() -> int:
             code = main(*args, **kwargs) or 0
             shutdown(together=True)  # every rank returns from main: leave together
-        except (ConfigError, UserError) as exc:
-            shutdown()
-            fail(str(exc))
-        except KeyboardInterrupt:
-            shutdown()
-            fail("interrupted", code=130)
-        finally:
-            shutdown()
-        raise SystemExit(code)
+            return code
+
+        run_main(run, cleanup=shutdown)
 
     return wrapper
 

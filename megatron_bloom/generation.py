@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 SAFETENSORS = "model.safetensors"

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict, safe_load
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")

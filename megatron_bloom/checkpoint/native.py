@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
 from megatron_bloom.layers.duplicated import tp_copies_drift
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from typing import Any, Dict
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 TP_REPLICATED = [

@@ -1,5 +1,4 @@
 """Run configuration: dataclasses, strict YAML + Megatron flag loading, validation."""
-from .errors import ConfigError
 from .loader import config_from_dict, config_to_dict, parse_config, save_resolved_config
 from .schema import (
     CheckpointConfig,
@@ -13,7 +12,6 @@ from .schema import (
 from .validate import validate_config
 
 __all__ = [
-    "ConfigError",
     "RunConfig",
     "ModelConfig",
     "ParallelConfig",

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .docs import field_docs
-from .errors import ConfigError
+from megatron_bloom.errors import UserError
 from .schema import SECTIONS, RunConfig
 
 # Flags that launchers add on their own; accepted and ignored (the rank comes from the env).
@@ -64,7 +64,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, elem, where) for v in value]
     if elem is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise UserError(f"{where} must be true or false, got {value!r}")
         return value
     if elem is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -75,34 +75,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     wrong_type = elem in (int, float, str) and not isinstance(value, elem)
     if wrong_type or isinstance(value, bool):  # YAML's `yes` must not pass as the integer 1
-        raise ConfigError(f"{where} must be of type {elem.__name__}, got {value!r}")
+        raise UserError(f"{where} must be of type {elem.__name__}, got {value!r}")
     return value
 
 
 def load_yaml(path: str) -> Dict[str, Dict[str, Any]]:
     """Read a sectioned YAML file strictly: unknown sections or keys are errors naming the closest."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
     with open(path, encoding="utf-8") as fh:
         try:
             raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must be a mapping of sections ({', '.join(SECTIONS)})")
+        raise UserError(f"config file {path} must be a mapping of sections ({', '.join(SECTIONS)})")
     out: Dict[str, Dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{section}'{_closest(section, SECTIONS)}")
+            raise UserError(f"{path}: unknown section '{section}'{_closest(section, SECTIONS)}")
         cls = SECTIONS[section]
         names = [f.name for f in dataclasses.fields(cls)]
         types = _field_types(cls)
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section '{section}' must be a mapping of keys to values")
+            raise UserError(f"{path}: section '{section}' must be a mapping of keys to values")
         out[section] = {}
         for key, value in values.items():
             if key not in names:
-                raise ConfigError(f"{path}: unknown key '{section}.{key}'{_closest(key, names)}")
+                raise UserError(f"{path}: unknown key '{section}.{key}'{_closest(key, names)}")
             out[section][key] = _coerce(value, types[key], f"{path}: {section}.{key}")
     return out
 
@@ -149,21 +149,21 @@ def _named_model_values(name: str) -> Dict[str, Any]:
     from megatron_bloom.models.bloom.configs import NAMED_MODELS
 
     if name not in NAMED_MODELS:
-        raise ConfigError(f"unknown model_name '{name}'{_closest(name, NAMED_MODELS)}")
+        raise UserError(f"unknown model_name '{name}'{_closest(name, NAMED_MODELS)}")
     return dict(NAMED_MODELS[name])
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     """Resolve the run configuration from ``argv`` (defaults to sys.argv[1:]).
 
-    Raises ConfigError for an unknown flag or key, a bad value or a missing file.
+    Raises UserError for an unknown flag or key, a bad value or a missing file.
     """
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]
         flags = [a for action in parser._actions for a in action.option_strings]
-        raise ConfigError(f"unknown argument '{bad}'{_closest(bad.split('=')[0], flags)}")
+        raise UserError(f"unknown argument '{bad}'{_closest(bad.split('=')[0], flags)}")
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
     yaml_values = load_yaml(given.pop("config")) if "config" in given else {}
 

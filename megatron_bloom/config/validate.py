@@ -9,7 +9,7 @@ import os
 import re
 from typing import List, Optional
 
-from .errors import ConfigError
+from megatron_bloom.errors import UserError
 from .schema import RunConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -57,22 +57,22 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
     """Check ``cfg`` for ``world_size`` ranks and fill the derived fields in place.
 
     Derived: ``parallel.data_parallel_size`` and ``training.global_batch_size``.
-    Raises ConfigError on the first problem found.
+    Raises UserError on the first problem found.
     """
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
 
     if tp < 1 or pp < 1:
-        raise ConfigError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
+        raise UserError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
     if world_size % (tp * pp) != 0:
-        raise ConfigError(
+        raise UserError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}; launch a multiple of {tp * pp} "
             f"processes or pick TP x PP from the divisors of {world_size}: {_or_list(_divisors(world_size, world_size))}"
         )
     dp = world_size // (tp * pp)
     if p.data_parallel_size is not None and p.data_parallel_size != dp:
-        raise ConfigError(
+        raise UserError(
             f"data_parallel_size={p.data_parallel_size} but world size {world_size} / (TP {tp} x PP {pp}) = {dp}; "
             f"drop data_parallel_size or launch {p.data_parallel_size * tp * pp} processes"
         )
@@ -80,110 +80,110 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
 
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
         if getattr(m, name) < 1:
-            raise ConfigError(f"{name}={getattr(m, name)} must be a positive integer")
+            raise UserError(f"{name}={getattr(m, name)} must be a positive integer")
     if m.hidden_size % m.num_attention_heads != 0:
-        raise ConfigError(
+        raise UserError(
             f"hidden_size={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}; "
             f"use a head count from {_or_list(_divisors(m.hidden_size, 128)[-6:])}"
         )
     if m.num_attention_heads % tp != 0:
-        raise ConfigError(
+        raise UserError(
             f"num_attention_heads={m.num_attention_heads} is not divisible by tensor_model_parallel_size={tp}; "
             f"use {_or_list(_divisors(m.num_attention_heads, max(8, world_size)))}"
         )
     if m.ffn_size % tp != 0:
-        raise ConfigError(
+        raise UserError(
             f"ffn_hidden_size={m.ffn_size} is not divisible by tensor_model_parallel_size={tp}; "
             f"use a multiple of {tp}"
         )
     if pp > m.num_layers:
-        raise ConfigError(
+        raise UserError(
             f"pipeline_model_parallel_size={pp} is larger than num_layers={m.num_layers}: every stage needs a "
             f"transformer block; use at most {m.num_layers} stages"
         )
     if m.make_vocab_size_divisible_by < 1:
-        raise ConfigError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
+        raise UserError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
     padded = m.padded_vocab_size(tp)
     assert padded % (m.make_vocab_size_divisible_by * tp) == 0 and padded >= m.vocab_size
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
-            raise ConfigError(f"{name}={getattr(m, name)} must be in [0, 1)")
+            raise UserError(f"{name}={getattr(m, name)} must be in [0, 1)")
     if m.attention_impl not in ATTENTION_IMPLS:
-        raise ConfigError(f"attention_impl='{m.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}")
+        raise UserError(f"attention_impl='{m.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}")
 
     if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+        raise UserError(f"zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
     if p.sync_tp_duplicated_parameters and p.zero_stage == 3:
-        raise ConfigError("sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3 "
+        raise UserError("sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3 "
                           "partitions; use zero_stage 0, 1 or 2")
     if pp > 1 and p.zero_stage > 1:
-        raise ConfigError(
+        raise UserError(
             f"zero_stage={p.zero_stage} cannot be combined with pipeline_model_parallel_size={pp} "
             f"(DeepSpeed's pipeline engine keeps whole gradients per stage); use zero_stage 0 or 1"
         )
     method = p.pp_partition_method
     if not (method in ("uniform", "parameters") or method.startswith("type:")):
-        raise ConfigError(f"pp_partition_method='{method}' must be 'uniform', 'parameters' or 'type:REGEX'")
+        raise UserError(f"pp_partition_method='{method}' must be 'uniform', 'parameters' or 'type:REGEX'")
     if method.startswith("type:"):
         try:
             re.compile(method[len("type:"):])
         except re.error as exc:
-            raise ConfigError(f"pp_partition_method '{method}' has an invalid regex: {exc}") from None
+            raise UserError(f"pp_partition_method '{method}' has an invalid regex: {exc}") from None
     if p.distributed_backend not in (None, "nccl", "gloo"):
-        raise ConfigError(f"distributed_backend='{p.distributed_backend}' must be 'nccl' or 'gloo' (or unset)")
+        raise UserError(f"distributed_backend='{p.distributed_backend}' must be 'nccl' or 'gloo' (or unset)")
     if p.distributed_timeout_minutes <= 0:
-        raise ConfigError(f"distributed_timeout_minutes={p.distributed_timeout_minutes} must be > 0")
+        raise UserError(f"distributed_timeout_minutes={p.distributed_timeout_minutes} must be > 0")
 
     if t.bf16 and t.fp16:
-        raise ConfigError("bf16 and fp16 are both set; choose one (or neither for fp32)")
+        raise UserError("bf16 and fp16 are both set; choose one (or neither for fp32)")
     if t.bf16 and p.zero_stage == 0:
         # DeepSpeed keeps bf16's fp32 master weights and fp32 gradient accumulation in its ZeRO
         # optimizers only; at stage 0 deepspeed.initialize refuses the mix after start-up.
-        raise ConfigError("bf16 needs zero_stage >= 1 (fp32 master weights and gradient accumulation live in "
+        raise UserError("bf16 needs zero_stage >= 1 (fp32 master weights and gradient accumulation live in "
                           "DeepSpeed's ZeRO optimizer, as in BLOOM-176B's run); use --zero-stage 1")
     if t.micro_batch_size < 1:
-        raise ConfigError(f"micro_batch_size={t.micro_batch_size} must be >= 1")
+        raise UserError(f"micro_batch_size={t.micro_batch_size} must be >= 1")
     step = t.micro_batch_size * dp
     if t.global_batch_size is None:
         t.global_batch_size = step
     if t.global_batch_size < 1 or t.global_batch_size % step != 0:
-        raise ConfigError(
+        raise UserError(
             f"global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x data_parallel_size "
             f"= {t.micro_batch_size} x {dp} = {step}; use {_multiples_near(t.global_batch_size, step)}"
         )
     if t.rampup_batch_size is not None:
         if len(t.rampup_batch_size) != 3:
-            raise ConfigError(
+            raise UserError(
                 f"rampup_batch_size needs 3 numbers START INCREMENT SAMPLES, got {t.rampup_batch_size}"
             )
         start, incr, _ = t.rampup_batch_size
         for name, value in (("start", start), ("increment", incr)):
             if value < 1 or value % step != 0:
-                raise ConfigError(
+                raise UserError(
                     f"rampup_batch_size {name}={value} is not divisible by micro_batch_size x data_parallel_size "
                     f"= {step}; use {_multiples_near(max(value, 1), step)}"
                 )
         if (t.global_batch_size - start) % incr != 0:
-            raise ConfigError(
+            raise UserError(
                 f"rampup_batch_size: global_batch_size {t.global_batch_size} - start {start} is not a multiple "
                 f"of increment {incr}; pick an increment that divides {t.global_batch_size - start}"
             )
     if t.lr_decay_style not in LR_DECAY_STYLES:
-        raise ConfigError(f"lr_decay_style='{t.lr_decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
+        raise UserError(f"lr_decay_style='{t.lr_decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
     if t.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"nan_policy='{t.nan_policy}' is not one of {', '.join(NAN_POLICIES)} (--nan-policy stop|skip)")
+        raise UserError(f"nan_policy='{t.nan_policy}' is not one of {', '.join(NAN_POLICIES)} (--nan-policy stop|skip)")
     if t.min_lr > t.lr:
-        raise ConfigError(f"min_lr={t.min_lr} is larger than lr={t.lr}; lower min_lr")
+        raise UserError(f"min_lr={t.min_lr} is larger than lr={t.lr}; lower min_lr")
     if for_training:
         if (t.train_iters is None) == (t.train_samples is None):
-            raise ConfigError("give exactly one of train_iters (--train-iters) or train_samples (--train-samples)")
+            raise UserError("give exactly one of train_iters (--train-iters) or train_samples (--train-samples)")
         if t.train_iters is not None and t.rampup_batch_size is not None:
-            raise ConfigError("rampup_batch_size needs train_samples (--train-samples), not train_iters")
+            raise UserError("rampup_batch_size needs train_samples (--train-samples), not train_iters")
     if cfg.logging.log_interval < 1 or cfg.logging.eval_interval < 1:
-        raise ConfigError("log_interval and eval_interval must be >= 1")
+        raise UserError("log_interval and eval_interval must be >= 1")
     if for_training:
         for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
             problem = output_dir_problem(path) if path else None
             if problem:
-                raise ConfigError(f"{flag} {path} cannot be created: {problem}; choose a writable folder")
+                raise UserError(f"{flag} {path} cannot be created: {problem}; choose a writable folder")
     return cfg

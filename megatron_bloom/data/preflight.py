@@ -25,7 +25,7 @@ import os
 import warnings
 from typing import List, Tuple
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import RunConfig
 
 

@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.evaluation.multiple_choice import MC_METRICS
 from megatron_bloom.evaluation.perplexity import PPL_METRICS
 

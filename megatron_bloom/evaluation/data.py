@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 
 
 @dataclass

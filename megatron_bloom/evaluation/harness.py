@@ -35,7 +35,7 @@ from lm_eval.models.utils import postprocess_generated_text
 from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.evaluation.decoding import decode_until
 from megatron_bloom.evaluation.loading import load_for_eval
 from megatron_bloom.evaluation.scoring import score_requests, sliding_windows
@@ -225,7 +225,7 @@ def cli_main() -> None:
     """
     from lm_eval.__main__ import cli_evaluate
 
-    from megatron_bloom.cli import fail
+    from megatron_bloom.errors import fail
 
     try:
         cli_evaluate()

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 
 _NO_LIMIT = 10**9
 """A tokenizer's ``model_max_length`` at or above this means 'not set' (transformers uses 1e30)."""

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.evaluation.data import ChoiceExample
 from megatron_bloom.evaluation.loading import EvalModel
 from megatron_bloom.evaluation.scoring import encode_pair, score_requests

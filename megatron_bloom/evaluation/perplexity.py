@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.evaluation.data import Document
 from megatron_bloom.evaluation.loading import EvalModel
 from megatron_bloom.evaluation.scoring import score_requests, sliding_windows

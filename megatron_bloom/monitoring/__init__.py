@@ -38,7 +38,7 @@ import contextlib
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from megatron_bloom.config.errors import ConfigError
+from megatron_bloom.errors import UserError
 from megatron_bloom.monitoring.console import format_memory_line, format_training_line, format_validation_block
 from megatron_bloom.monitoring.metrics import IntervalStats, IntervalSummary, max_rss_mb, perplexity, rss_mb
 from megatron_bloom.monitoring.tensorboard import TensorBoardWriter
@@ -103,7 +103,7 @@ class TrainingMonitor:
         if train_iters is None:
             try:
                 train_iters = total_train_iters(cfg.training, self.data_parallel_size)
-            except ConfigError:  # no run length given (e.g. an evaluation-only config): print no total
+            except UserError:  # no run length given (e.g. an evaluation-only config): print no total
                 train_iters = None
         self.train_iters = train_iters
         padded_vocab = m.padded_vocab_size(p.tensor_model_parallel_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.monitoring.tensorboard import axis_of
 
 SAMPLES_AXIS = "steps-vs-samples/y=samples,x=steps"

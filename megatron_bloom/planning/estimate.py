@@ -10,7 +10,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from megatron_bloom.config import ConfigError, RunConfig, validate_config
+from megatron_bloom.config import RunConfig, validate_config
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
 from .hardware import GIB, Accelerator
@@ -115,7 +116,7 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
     cfg = run_config(model, layout)
     try:
         validate_config(cfg, cluster.world_size, for_training=False)
-    except ConfigError as exc:
+    except UserError as exc:
         result.problems.append(str(exc))
         return result
     dp = result.data_parallel_size = cfg.parallel.data_parallel_size

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import RunConfig
 
 MicroBatch = Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.checkpoint.universal import universal_checkpoint_info
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import RunConfig
 from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.cli import UserError
-from megatron_bloom.config import ConfigError, RunConfig, parse_config, validate_config
+from megatron_bloom.errors import UserError
+from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.config.schema import SECTIONS
 from megatron_bloom.training.pretrain import Trainer, _log0
 
@@ -114,7 +114,7 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
             if key not in given["model"]:
                 setattr(cfg.model, key, getattr(source, key))
     if cfg.finetune.overlong not in OVERLONG_MODES:
-        raise ConfigError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
+        raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
     world_size = world_size_from_env()
     validate_config(cfg, world_size)
     return cfg, world_size

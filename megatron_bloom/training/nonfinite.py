@@ -34,12 +34,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import RunStopped, UserError
 
 INJECT_ENV = "MEGATRON_BLOOM_TEST_NONFINITE_GRAD"
 
 
-class NonFiniteGradients(UserError):
+class NonFiniteGradients(RunStopped):
     """``--nan-policy stop`` found a NaN/Inf gradient; no update was applied. One line, exit code 2."""
 
 

@@ -22,7 +22,7 @@ from megatron_bloom.checkpoint import (
     load_rng,
     save_checkpoint,
 )
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
 from megatron_bloom.training.data import (

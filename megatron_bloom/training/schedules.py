@@ -22,7 +22,7 @@ import math
 import warnings
 from typing import Any, Dict, List, Tuple
 
-from megatron_bloom.config.errors import ConfigError
+from megatron_bloom.errors import UserError
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -46,13 +46,13 @@ class LearningRateSchedule:
 
     def __init__(self, max_lr: float, min_lr: float, warmup_samples: int, decay_samples: int, decay_style: str):
         if decay_style not in LR_DECAY_STYLES:
-            raise ConfigError(f"lr_decay_style='{decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
+            raise UserError(f"lr_decay_style='{decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
         if min_lr < 0 or max_lr < min_lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={max_lr}")
+            raise UserError(f"need 0 <= min_lr <= lr, got min_lr={min_lr}, lr={max_lr}")
         if warmup_samples < 0:
-            raise ConfigError(f"lr warmup of {warmup_samples} samples must be >= 0")
+            raise UserError(f"lr warmup of {warmup_samples} samples must be >= 0")
         if decay_style != "constant" and decay_samples <= warmup_samples:
-            raise ConfigError(
+            raise UserError(
                 f"lr decay ends at {decay_samples} samples, not after the warmup's {warmup_samples}: decay is "
                 "counted from sample 0 (Megatron), so lr_decay_samples/iters must exceed the warmup"
             )
@@ -75,23 +75,23 @@ class LearningRateSchedule:
         gbs = t.global_batch_size
         if t.train_iters is not None:
             if gbs is None:
-                raise ConfigError("global_batch_size is unset; run validate_config before building the LR schedule")
+                raise UserError("global_batch_size is unset; run validate_config before building the LR schedule")
             if t.lr_decay_samples is not None:
-                raise ConfigError(
+                raise UserError(
                     "lr_decay_samples needs train_samples; with train_iters give lr_decay_iters instead"
                 )
             warmup = t.lr_warmup_samples if t.lr_warmup_samples > 0 else t.lr_warmup_iters * gbs
             decay = (t.lr_decay_iters or t.train_iters) * gbs
         elif t.train_samples is not None:
             if t.lr_warmup_iters > 0 or t.lr_decay_iters is not None:
-                raise ConfigError(
+                raise UserError(
                     "lr_warmup_iters/lr_decay_iters need train_iters; with train_samples give "
                     "lr_warmup_samples/lr_decay_samples instead"
                 )
             warmup = t.lr_warmup_samples
             decay = t.lr_decay_samples or t.train_samples
         else:
-            raise ConfigError("give train_iters or train_samples to build the LR schedule")
+            raise UserError("give train_iters or train_samples to build the LR schedule")
         return cls(t.lr, t.min_lr, warmup, decay, t.lr_decay_style)
 
     def lr(self, consumed_samples: int) -> float:
@@ -162,7 +162,7 @@ class ConstantBatchSize:
     def _check(self, value: int, name: str) -> None:
         step = self.micro_batch_size * self.data_parallel_size
         if value < 1 or value % step != 0:
-            raise ConfigError(
+            raise UserError(
                 f"{name}={value} is not a positive multiple of micro_batch_size x data_parallel_size "
                 f"= {self.micro_batch_size} x {self.data_parallel_size} = {step}"
             )
@@ -214,14 +214,14 @@ class BatchSizeRampup(ConstantBatchSize):
         self._check(self.start, "rampup_batch_size start")
         self._check(self.increment, "rampup_batch_size increment")
         if self.start > self.global_batch:
-            raise ConfigError(f"rampup_batch_size start={start} is larger than global_batch_size={global_batch_size}")
+            raise UserError(f"rampup_batch_size start={start} is larger than global_batch_size={global_batch_size}")
         if (self.global_batch - self.start) % self.increment != 0:
-            raise ConfigError(
+            raise UserError(
                 f"rampup_batch_size: global_batch_size {global_batch_size} - start {start} is not a multiple "
                 f"of increment {increment}"
             )
         if self.ramp_samples < 0:
-            raise ConfigError(f"rampup_batch_size ramp samples={ramp_samples} must be >= 0")
+            raise UserError(f"rampup_batch_size ramp samples={ramp_samples} must be >= 0")
         self.num_increments = (self.global_batch - self.start) // self.increment
 
     @property
@@ -246,11 +246,11 @@ def build_batch_schedule(training_cfg, data_parallel_size: int) -> ConstantBatch
     """``BatchSizeRampup`` when ``rampup_batch_size`` is set, else ``ConstantBatchSize``."""
     t = training_cfg
     if t.global_batch_size is None:
-        raise ConfigError("global_batch_size is unset; run validate_config before building the batch schedule")
+        raise UserError("global_batch_size is unset; run validate_config before building the batch schedule")
     if t.rampup_batch_size is None:
         return ConstantBatchSize(t.global_batch_size, t.micro_batch_size, data_parallel_size)
     if len(t.rampup_batch_size) != 3:
-        raise ConfigError(f"rampup_batch_size needs 3 numbers START INCREMENT SAMPLES, got {t.rampup_batch_size}")
+        raise UserError(f"rampup_batch_size needs 3 numbers START INCREMENT SAMPLES, got {t.rampup_batch_size}")
     start, increment, ramp = (int(v) for v in t.rampup_batch_size)
     return BatchSizeRampup(start, increment, ramp, t.global_batch_size, t.micro_batch_size, data_parallel_size)
 
@@ -283,7 +283,7 @@ def total_train_iters(training_cfg, data_parallel_size: int) -> int:
     if t.train_iters is not None:
         return int(t.train_iters)
     if t.train_samples is None:
-        raise ConfigError("give train_iters or train_samples")
+        raise UserError("give train_iters or train_samples")
     return train_iters_for_samples(build_batch_schedule(t, data_parallel_size), int(t.train_samples))
 
 

@@ -133,7 +133,7 @@ def test_per_sample_results_equal_lm_eval_hf(tiny, tmp_path):
 def test_model_args(tiny):
     import torch
 
-    from megatron_bloom.cli import UserError
+    from megatron_bloom.errors import UserError
     from megatron_bloom.evaluation.harness import MegatronBloomLM
 
     cli = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # what lm-eval's CLI passes by default

@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from megatron_bloom.cli import UserError
-from megatron_bloom.config import ConfigError
+from megatron_bloom.errors import UserError
 from megatron_bloom.training.finetune import resolve_finetune_config
 
 BASE = ["--train-iters", "2", "--data-path", "unused"]
@@ -45,7 +44,7 @@ def test_architecture_comes_from_the_pretrained_folder(tmp_path):
 
 
 def test_bad_overlong_and_finetune_flags_in_pretraining():
-    with pytest.raises(ConfigError, match="truncate, skip"):
+    with pytest.raises(UserError, match="truncate, skip"):
         resolve_finetune_config(BASE + ["--overlong", "cut"])
     from megatron_bloom.config import parse_config
     from megatron_bloom.training.pretrain import pretrain

@@ -10,7 +10,7 @@ import torch
 from interop_helpers import run_cli, tiny_hf_model
 from megatron_bloom.checkpoint.hf import read_hf_checkpoint
 from megatron_bloom.checkpoint.native import LAYER_FILE, read_native_checkpoint, write_native_checkpoint
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 
 
 class _Evil:

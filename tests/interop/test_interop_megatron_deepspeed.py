@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from interop_helpers import run_cli, tiny_hf_model
 from megatron_bloom.checkpoint.megatron_deepspeed import read_megatron_deepspeed_checkpoint
 from megatron_bloom.checkpoint.native import read_native_checkpoint
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 
 COLUMN = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
           "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")

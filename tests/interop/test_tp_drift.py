@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from interop_helpers import run_cli, tiny_hf_model
 from megatron_bloom.checkpoint.native import LAYER_FILE, read_native_checkpoint
 from megatron_bloom.checkpoint.universal import refuse_drifted_copies
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 
 KEY = "input_layernorm.weight"  # of block 1: layer file 3
 

@@ -83,7 +83,8 @@ def test_init_distributed_builds_the_documented_groups():
 
 def _leave_through_entry_point(fail_on_rank_zero):
     """Rank 1's main returns 3 s after rank 0's; report when rank 1's main ended and each rank left."""
-    from megatron_bloom.cli import UserError, entry_point
+    from megatron_bloom.cli import entry_point
+    from megatron_bloom.errors import UserError
 
     main_ended = {}
 

@@ -16,8 +16,9 @@ import torch
 
 from pretrain_run import REPO, command, env, scalars  # tests/training, via this folder's conftest
 
-from megatron_bloom.cli import UserError  # noqa: E402
-from megatron_bloom.config import ConfigError, RunConfig, validate_config  # noqa: E402
+from megatron_bloom.errors import UserError  # noqa: E402
+from megatron_bloom.config import RunConfig, validate_config
+from megatron_bloom.errors import UserError  # noqa: E402
 from megatron_bloom.training.engine import emulated_cpu_half_precision  # noqa: E402
 from megatron_bloom.monitoring.metrics import IntervalStats, rss_mb  # noqa: E402
 from megatron_bloom.training.nonfinite import INJECT_ENV, Injection  # noqa: E402
@@ -50,7 +51,7 @@ def test_injection_spec(monkeypatch):
 def test_nan_policy_is_validated():
     cfg = RunConfig()
     cfg.training.train_iters, cfg.training.nan_policy = 10, "ignore"
-    with pytest.raises(ConfigError, match="nan_policy='ignore' is not one of stop, skip"):
+    with pytest.raises(UserError, match="nan_policy='ignore' is not one of stop, skip"):
         validate_config(cfg, world_size=1)
 
 

@@ -120,7 +120,7 @@ def load_benchmark(name):
     ("zero_memory.py", ["--steps", "1"], "use at least 2"),
 ])
 def test_bad_arguments_are_refused_before_any_run(name, argv, message):
-    from megatron_bloom.cli import UserError
+    from megatron_bloom.errors import UserError
 
     module = load_benchmark(name)
     with pytest.raises(UserError, match=re.escape(message)):

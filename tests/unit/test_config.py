@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
-from megatron_bloom.config import ConfigError, RunConfig, parse_config, save_resolved_config, validate_config
+from megatron_bloom.config import RunConfig, parse_config, save_resolved_config, validate_config
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.docs import field_docs, markdown_reference
 from megatron_bloom.config.loader import build_parser, config_from_dict
 from megatron_bloom.config.schema import SECTIONS
@@ -55,7 +56,7 @@ def test_named_model_fills_unset_fields(tmp_path):
     cfg = parse_config(["--model-name", "bloom-176b", "--seq-length", "512"])
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (70, 14336, 112)
     assert cfg.model.seq_length == 512
-    with pytest.raises(ConfigError, match="did you mean 'bloom-560m'"):
+    with pytest.raises(UserError, match="did you mean 'bloom-560m'"):
         parse_config(["--model-name", "bloom-560"])
 
 
@@ -70,7 +71,7 @@ def test_named_model_fills_unset_fields(tmp_path):
     ],
 )
 def test_yaml_is_strict(tmp_path, data, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(UserError, match=match):
         parse_config(["--config", write_yaml(tmp_path, data)])
 
 
@@ -81,16 +82,16 @@ def test_yaml_float_written_as_exponent(tmp_path):
 
 
 def test_missing_and_invalid_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         parse_config(["--config", str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         parse_config(["--config", str(bad)])
 
 
 def test_unknown_flag_names_closest():
-    with pytest.raises(ConfigError, match="unknown argument '--num-layer'; did you mean '--num-layers'"):
+    with pytest.raises(UserError, match="unknown argument '--num-layer'; did you mean '--num-layers'"):
         parse_config(["--num-layer", "3"])
     # The deepspeed launcher appends --local_rank; it is accepted and ignored.
     assert parse_config(["--local_rank=3"]).model.num_layers == RunConfig().model.num_layers
@@ -131,10 +132,10 @@ def cfg_of(*argv):
 )
 def test_validation_messages(argv, world, message):
     if message is None:  # rampup start 3 with micro batch 2 -> not divisible; train_iters also given
-        with pytest.raises(ConfigError, match="rampup_batch_size start=3"):
+        with pytest.raises(UserError, match="rampup_batch_size start=3"):
             validate_config(parse_config(argv), world)
         return
-    with pytest.raises(ConfigError) as exc:
+    with pytest.raises(UserError) as exc:
         validate_config(cfg_of(*argv), world)
     assert message in str(exc.value)
 
@@ -146,9 +147,9 @@ def test_validation_derives_dp_and_global_batch():
 
 
 def test_needs_exactly_one_of_iters_or_samples():
-    with pytest.raises(ConfigError, match="exactly one of train_iters"):
+    with pytest.raises(UserError, match="exactly one of train_iters"):
         validate_config(parse_config([]), 1)
-    with pytest.raises(ConfigError, match="exactly one of train_iters"):
+    with pytest.raises(UserError, match="exactly one of train_iters"):
         validate_config(parse_config(["--train-iters", "1", "--train-samples", "4"]), 1)
     validate_config(parse_config([]), 1, for_training=False)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_bloom.cli import UserError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, validate_config
 from megatron_bloom.monitoring import TrainingMonitor
 from megatron_bloom.training.flops import flops_per_iteration

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from megatron_bloom.config import ConfigError
+from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import TrainingConfig
 from megatron_bloom.training.schedules import (
     BatchSizeRampup,
@@ -60,11 +60,11 @@ def test_constant_and_no_warmup():
 
 
 def test_bad_schedules_are_rejected():
-    with pytest.raises(ConfigError, match="decay_style"):
+    with pytest.raises(UserError, match="decay_style"):
         LearningRateSchedule(MAX, MIN, W, D, "exponential")
-    with pytest.raises(ConfigError, match="min_lr"):
+    with pytest.raises(UserError, match="min_lr"):
         LearningRateSchedule(1e-4, 1e-3, W, D, "cosine")
-    with pytest.raises(ConfigError, match="exceed the warmup"):
+    with pytest.raises(UserError, match="exceed the warmup"):
         LearningRateSchedule(MAX, MIN, 1000, 1000, "cosine")
 
 
@@ -88,9 +88,9 @@ def test_from_config_defaults_and_precedence():
     assert (s.warmup_samples, s.decay_samples) == (20, 200)
     s = LearningRateSchedule.from_config(TrainingConfig(train_samples=1000, lr_warmup_samples=10))
     assert (s.warmup_samples, s.decay_samples) == (10, 1000)
-    with pytest.raises(ConfigError, match="lr_warmup_samples/lr_decay_samples"):
+    with pytest.raises(UserError, match="lr_warmup_samples/lr_decay_samples"):
         LearningRateSchedule.from_config(TrainingConfig(train_samples=1000, lr_warmup_iters=3))
-    with pytest.raises(ConfigError, match="lr_decay_iters"):
+    with pytest.raises(UserError, match="lr_decay_iters"):
         LearningRateSchedule.from_config(TrainingConfig(train_iters=10, global_batch_size=4, lr_decay_samples=30))
 
 
@@ -217,11 +217,11 @@ def test_build_batch_schedule_and_total_iters():
 
 
 def test_bad_rampups_are_rejected():
-    with pytest.raises(ConfigError, match="micro_batch_size x data_parallel_size"):
+    with pytest.raises(UserError, match="micro_batch_size x data_parallel_size"):
         BatchSizeRampup(12, 16, 1000, 64, 2, 4)  # 12 is not a multiple of 8
-    with pytest.raises(ConfigError, match="not a multiple of increment"):
+    with pytest.raises(UserError, match="not a multiple of increment"):
         BatchSizeRampup(16, 32, 1000, 64, 2, 2)
-    with pytest.raises(ConfigError, match="larger than global_batch_size"):
+    with pytest.raises(UserError, match="larger than global_batch_size"):
         BatchSizeRampup(128, 16, 1000, 64, 2, 2)
     degenerate = BatchSizeRampup(64, 16, 1000, 64, 2, 2)  # start == global: no ramp at all
     assert degenerate.global_batch_size(0) == 64 and train_iters_for_samples(degenerate, 640) == 10
