@@ -8,7 +8,7 @@ Two guards for when a job loses a process:
   SIGKILL when its agent dies.
 * A rank whose collective fails because a peer died or hung ends with a long library traceback
   ("Connection reset by peer", a timeout) that says nothing about which rank was lost. Its last
-  line now says which of the two happened and where to find the rank.
+  line says which of the two happened and where to find the rank.
 """
 from __future__ import annotations
 
