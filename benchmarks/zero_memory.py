@@ -161,7 +161,9 @@ def profiled_peak_bytes(step) -> int:
 def measure_activations(args) -> List[dict]:
     import torch
 
-    from megatron_bloom.models.bloom.pipeline import BloomSequential, LMLoss, bloom_layer_specs
+    from megatron_bloom.models.bloom.pipeline import bloom_layer_specs
+    from megatron_bloom.training.deepspeed_glue import BloomSequential
+    from megatron_bloom.training.losses import PretrainingLoss
     from megatron_bloom.planning.measure import saved_activation_bytes
     from megatron_bloom.planning.memory import block_activation_bytes
 
@@ -177,7 +179,7 @@ def measure_activations(args) -> List[dict]:
             cfg = model_config(args, checkpoint_activations=recompute, attention_impl=impl)
             vp = cfg.model.padded_vocab_size(1)
             torch.manual_seed(0)
-            model = BloomSequential(bloom_layer_specs(cfg.model, vp), LMLoss(None, 0), cfg.training.seed)
+            model = BloomSequential(bloom_layer_specs(cfg.model, vp), PretrainingLoss(None, 0), cfg.training.seed)
             model(ids, labels).backward()  # gradients exist from here on: later backwards add into them
             model.zero_grad(set_to_none=False)
             counter = SavedTensorCounter(model.parameters())

@@ -22,14 +22,15 @@ from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState
 from megatron_bloom.layers import RNGStatesTracker, seed_dropout_streams
 from megatron_bloom.layers.duplicated import sync_tp_duplicated_parameters_
-from megatron_bloom.models.bloom.pipeline import (
-    BloomSequential,
-    LMLoss,
-    bloom_layer_specs,
-    mark_grad_norm_owners,
-    seed_layer,
-)
+from megatron_bloom.models.bloom.pipeline import bloom_layer_specs
 from megatron_bloom.training.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
+from megatron_bloom.training.deepspeed_glue import (
+    BloomSequential,
+    allow_fp16_on_any_cpu,
+    build_pipeline_module,
+    mark_grad_norm_owners,
+)
+from megatron_bloom.training.losses import PretrainingLoss
 from megatron_bloom.training.nonfinite import (
     GradientGuard,
     Injection,
@@ -57,22 +58,6 @@ class StepResult:
     """Where a NaN/Inf gradient was seen first when --nan-policy skip skipped the update for it."""
 
 
-def allow_fp16_on_any_cpu() -> None:
-    """Let DeepSpeed's CPU accelerator run fp16 on every CPU, as torch does.
-
-    It reports fp16 as supported only where oneDNN has native fp16 kernels (AVX512-FP16 or AMX-FP16,
-    which e.g. AMD EPYC lacks) and then refuses the engine ("Type fp16 is not supported on your
-    device"); torch computes fp16 on any CPU, only more slowly without those instructions. (bf16 it
-    always allows.) GPU accelerators are left as they are.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
-        # supported_dtypes(), which DeepSpeed's gradient reduction asserts against, asks the same method.
-        accelerator.is_fp16_supported = lambda: True
-
-
 def emulated_cpu_half_precision(precision: str) -> bool:
     """Whether this CPU lacks oneDNN's kernels for ``precision`` ("bf16"/"fp16") matmuls.
 
@@ -97,7 +82,9 @@ def half_precision_warning(precision: str, device: torch.device) -> Optional[str
 
 
 class BloomEngine:
-    def __init__(self, cfg: RunConfig, state: ParallelState, load_universal: bool = False):
+    def __init__(self, cfg: RunConfig, state: ParallelState, load_universal: bool = False,
+                 loss_class: type = PretrainingLoss):
+        """``loss_class(tp_group, vocab_start)`` builds the loss (training/losses.py) the labels are for."""
         import deepspeed
 
         self.cfg, self.state = cfg, state
@@ -110,29 +97,13 @@ class BloomEngine:
         self.tracker = RNGStatesTracker(state.device)
         vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
         specs = bloom_layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
-        loss_fn = LMLoss(state.tp_group if tp > 1 else None, vocab_start)
+        loss_fn = loss_class(state.tp_group if tp > 1 else None, vocab_start)
         # DeepSpeed's pipeline engine (even with one stage) whenever ZeRO allows it: its checkpoints
         # have Megatron-DeepSpeed's BLOOM layout (layer_XX-model_YY-model_states.pt), so every
         # layout saves the same parameter names. ZeRO-2/3 need the plain engine.
         self.is_pipeline = pp > 1 or p.zero_stage <= 1
         if self.is_pipeline:
-            from deepspeed.pipe import PipelineModule
-            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-            topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=p.data_parallel_size)
-            module = PipelineModule(
-                layers=specs,
-                topology=topology,
-                loss_fn=loss_fn,
-                seed_layers=True,
-                seed_fn=seed_layer,  # DeepSpeed passes numpy ints, which random.seed rejects
-                base_seed=cfg.training.seed,
-                partition_method=p.pp_partition_method,
-            )
-            # Seeds per layer while building only. Left on, DeepSpeed reseeds every forward from a
-            # micro-batch counter that restarts at 0 in each process, so a resumed run would repeat
-            # the first steps' dropout masks; dropout draws from the saved RNG streams instead.
-            module.seed_layers = False
+            module = build_pipeline_module(specs, loss_fn, cfg)
         else:
             module = BloomSequential(specs, loss_fn, cfg.training.seed)
         if p.sync_tp_duplicated_parameters:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.config.schema import SECTIONS
+from megatron_bloom.training.losses import FinetuningLoss
 from megatron_bloom.training.pretrain import Trainer, _log0
 
 FINETUNE_DEFAULTS: Dict[str, Dict[str, object]] = {
@@ -305,6 +306,8 @@ class GroupLossMeter:
 
 class FinetuneTrainer(Trainer):
     """``Trainer`` with the finetuning start, data, loss normalisation and per-group reporting."""
+
+    loss_class = FinetuningLoss
 
     def __init__(self, cfg: RunConfig):
         self.pretrained_source: Optional[str] = None

@@ -32,6 +32,7 @@ from megatron_bloom.training.data import (
     skip_sample_ranges_to_add,
 )
 from megatron_bloom.monitoring.metrics import max_rss_mb, rss_mb
+from megatron_bloom.training.losses import PretrainingLoss
 from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule
 from megatron_bloom.training.signals import EXIT_REQUEUE, StopRequests
 
@@ -54,6 +55,9 @@ def _log0(message: str) -> None:
 
 
 class Trainer:
+    loss_class: type = PretrainingLoss
+    """The loss (training/losses.py) matching the labels ``_batches`` produces."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         t, p = cfg.training, cfg.parallel
@@ -107,7 +111,7 @@ class Trainer:
                     convert_to_universal(self.resume.directory, self.resume.tag, load_dir)
                 dist.barrier()
 
-        self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout)
+        self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout, loss_class=self.loss_class)
         if self.resume is not None:
             self._load(load_dir)
 

@@ -66,11 +66,12 @@ def run(prefix, tp, pp, zero, mbs, manual=False, isolation=False):
     """Eval losses (both modes), a token-mean step and a per-sequence step; optional checks."""
     from megatron_bloom.training.engine import BloomEngine
     from megatron_bloom.training.finetune import GroupLossMeter, finetune_micro_batches
+    from megatron_bloom.training.losses import FinetuningLoss
 
     cfg = tiny_config(tp, pp, zero, mbs)
     validate_config(cfg, dist.get_world_size())
     state = init_distributed(tp, pp, backend="gloo")
-    engine = BloomEngine(cfg, state)
+    engine = BloomEngine(cfg, state, loss_class=FinetuningLoss)
     engine.module.loss_fn.meter = GroupLossMeter((2, 3))
     rows = PackedRows(PairedDataset(prefix), 0, 48, 2 * GBS, SEQ, seed=5)
     dp, dp_rank = state.dims.dp, state.dp_rank

@@ -11,8 +11,9 @@ as BLOOM did, so the first and last stages carry fewer blocks.
 
 Every spec is built right after seeding the RNGs with ``seed + idx`` (DeepSpeed's ``seed_layers``),
 so a layer's initial weights depend only on its index: every (TP, PP, DP) layout starts from the
-same model, and ``BloomSequential`` (one stage, any ZeRO stage) builds the same one too. Under TP
-each layer is built whole and then sharded (Megatron's CPU-initialisation scheme).
+same model, and ``training/deepspeed_glue.BloomSequential`` (one stage, any ZeRO stage) builds the
+same one too. Under TP each layer is built whole and then sharded (Megatron's CPU-initialisation
+scheme). The loss and the DeepSpeed wrappers live in ``training/`` (losses.py, deepspeed_glue.py).
 
 Between stages the activation is a tensor ``[b, s, h]``, or a tuple ``(hidden, segment_ids)`` for
 packed samples; each block rebuilds its ALiBi/causal/segment mask from that (cheap, and avoids
@@ -20,20 +21,19 @@ sending a [b, np, s, s] mask between stages).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from megatron_bloom.config.schema import ModelConfig
-from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding, vocab_parallel_cross_entropy
-from megatron_bloom.layers.duplicated import is_tp_duplicated
+from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.layers.random import recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
-from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
+from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
 from megatron_bloom.models.bloom.model import BloomBlock, TiedLMHead
-from megatron_bloom.models.bloom.parallelize import ParallelLMHead, parallel_lm_loss, shard_block_
+from megatron_bloom.models.bloom.parallelize import ParallelLMHead, shard_block_
 
 Activation = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -125,33 +125,6 @@ class FinalLayerNormPipe(nn.Module):
         return _join(self.ln_f(hidden), segment_ids)
 
 
-class LMLoss:
-    """Pipeline loss (vocab-parallel), in one of two forms chosen by the labels tuple:
-
-    * ``(labels, loss_mask)`` (pretraining): token mean over the micro-batch's masked tokens.
-    * ``(labels, loss_weights, scale, *group_ids)`` (finetuning): ``sum(loss * loss_weights) *
-      scale[0]``. The data side picks weights and scale so that DeepSpeed's mean over micro-batches
-      and DP ranks of these values is the mean over the GLOBAL batch (see training/finetune.py).
-      When ``meter`` is set, it also receives the per-token losses with the weights and the
-      ``group_ids`` tensors (e.g. language and task of each token) for per-group reporting.
-    """
-
-    def __init__(self, tp_group: Group, vocab_start: int):
-        self.tp_group = tp_group
-        self.vocab_start = vocab_start
-        self.meter = None
-
-    def __call__(self, logits: torch.Tensor, labels: Sequence[torch.Tensor]) -> torch.Tensor:
-        target, loss_mask = labels[0], (labels[1] if len(labels) > 1 else None)
-        if len(labels) <= 2:
-            return parallel_lm_loss(logits, target, loss_mask, self.vocab_start, self.tp_group)
-        losses = vocab_parallel_cross_entropy(logits, target, self.vocab_start, self.tp_group)  # [b, s] fp32
-        weights = loss_mask.to(losses.dtype)
-        if self.meter is not None:
-            self.meter.add(losses.detach(), weights, labels[3:])
-        return (losses * weights).sum() * labels[2].reshape(-1)[0].to(losses.dtype)
-
-
 def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None,
                       tracker: Optional[RNGStatesTracker] = None) -> List[Any]:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
@@ -166,59 +139,3 @@ def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group 
         LayerSpec(FinalLayerNormPipe, cfg),
         embed(forward_fn=lm_head_forward),
     ]
-
-
-class BloomSequential(nn.Module):
-    """All layer specs on one stage, built like PipelineModule builds them; forward returns the loss.
-
-    Used when PP == 1, where DeepSpeed's plain engine (ZeRO 0-3) replaces the pipeline engine.
-    """
-
-    def __init__(self, specs: List[Any], loss_fn: LMLoss, base_seed: int):
-        super().__init__()
-        from deepspeed.pipe import TiedLayerSpec
-
-        self.loss_fn = loss_fn
-        self.layers = nn.ModuleList()
-        self.funcs: List[Any] = []
-        tied = {}
-        for idx, spec in enumerate(specs):
-            if isinstance(spec, TiedLayerSpec):
-                if spec.key not in tied:
-                    seed_layer(base_seed + idx)
-                    tied[spec.key] = spec.build()
-                    self.layers.append(tied[spec.key])
-                module = tied[spec.key]
-                self.funcs.append(module if spec.forward_fn is None else (lambda x, m=module, f=spec.forward_fn: f(m, x)))
-            else:
-                seed_layer(base_seed + idx)
-                module = spec.build()
-                self.layers.append(module)
-                self.funcs.append(module)
-
-    def logits(self, inputs: Activation) -> torch.Tensor:
-        x = inputs
-        for f in self.funcs:
-            x = f(x)
-        return x
-
-    def forward(self, inputs: Activation, labels: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(self.logits(inputs), labels)
-
-
-def mark_grad_norm_owners(module: nn.Module, tp_rank: int) -> None:
-    """Make every parameter count exactly once in DeepSpeed's global gradient norm.
-
-    DeepSpeed counts a parameter when ``is_model_parallel_parameter(p)`` or when the rank is
-    model-parallel rank 0, and skips ``ds_pipe_replicated`` ones in ZeRO. Left alone, the pipeline
-    engine's ZeRO-0 path counts replicated parameters (LayerNorms, biases) of stages > 0 nowhere,
-    and a tied embedding's second copy twice under TP. Here: a TP-sharded parameter is counted on
-    its rank; a TP-replicated one on TP rank 0 only; a tied copy that is not the owner, never.
-    """
-    for p in module.parameters():
-        sharded = not is_tp_duplicated(p)
-        p.tp_sharded = sharded  # keeps "is this a shard" when the flags below say "not counted here"
-        replicated_copy = bool(getattr(p, "ds_pipe_replicated", False))
-        counted = not replicated_copy and (sharded or tp_rank == 0)
-        p.model_parallel = counted
-        p.tensor_model_parallel = counted
