@@ -1,6 +1,8 @@
 """Checkpoints: save/commit/load in Megatron-DeepSpeed's layout, layout changes on resume, and
-conversion to and from transformers folders and original Megatron-DeepSpeed BLOOM checkpoints."""
-from .manager import CheckpointInfo, check_compatible, find_checkpoint, load_rng, save_checkpoint, tag_for
+conversion to and from transformers folders and original Megatron-DeepSpeed BLOOM checkpoints.
+File names, the atomic writer and tokenizer-file copying live in ``files``."""
+from .files import tag_for
+from .manager import CheckpointInfo, check_compatible, find_checkpoint, load_rng, save_checkpoint
 from .universal import convert_to_universal, universal_checkpoint_info
 
 __all__ = [

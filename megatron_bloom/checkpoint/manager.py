@@ -37,13 +37,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.checkpoint.files import (
+    COMPLETE,
+    LATEST,
+    RNG_DIR,
+    STATE_FILE,
+    TAG_RE,
+    atomic_torch_save,
+    atomic_write_text,
+    rng_file,
+    tag_for,
+)
 from megatron_bloom.errors import UserError
 from megatron_bloom.layers.random import default_generator
 
-LATEST = "latest"
-COMPLETE = "complete"
-STATE_FILE = "megatron_bloom.pt"
-TAG_RE = re.compile(r"^global_step(\d+)$")
 
 SAVE_HOOK_ENV = "MEGATRON_BLOOM_TEST_SAVE_HOOK"
 """Fault injection for the reliability tests, read at every save (never set it in a real run).
@@ -52,25 +59,6 @@ SAVE_HOOK_ENV = "MEGATRON_BLOOM_TEST_SAVE_HOOK"
 ``complete`` (so a kill lands inside a save). ``ENOSPC@8:1`` (any errno name): rank 1's first
 file write of global_step8 leaves a partial file and raises that OSError, as a full disk does.
 """
-
-
-def tag_for(iteration: int) -> str:
-    return f"global_step{iteration}"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _read_latest(save_dir: str) -> Optional[str]:
@@ -204,21 +192,21 @@ def _prepare_folder(save_dir: str, tag: str) -> None:
         # A leftover of a save that never completed (killed, disk full): start from an empty
         # folder so that no file of that attempt (maybe at another layout) sits beside the new ones.
         shutil.rmtree(path)
-    os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+    os.makedirs(os.path.join(path, RNG_DIR), exist_ok=True)
     # A marker left by an earlier save of the same iteration must not survive this one.
     if os.path.exists(os.path.join(path, COMPLETE)):
         os.remove(os.path.join(path, COMPLETE))
 
 
 def _save_own_files(engine, path: str, rank: int, trainer_state: Dict[str, Any]) -> None:
-    _atomic_torch_save(rng_state(engine.tracker), os.path.join(path, "rng", f"rank_{rank:05d}.pt"))
+    atomic_torch_save(rng_state(engine.tracker), os.path.join(path, rng_file(rank)))
     if rank == 0:
-        _atomic_torch_save(trainer_state, os.path.join(path, STATE_FILE))
+        atomic_torch_save(trainer_state, os.path.join(path, STATE_FILE))
 
 
 def _commit(save_dir: str, tag: str, keep_last_k: Optional[int]) -> None:
-    _atomic_write_text(os.path.join(save_dir, tag, COMPLETE), tag + "\n")
-    _atomic_write_text(os.path.join(save_dir, LATEST), tag)
+    atomic_write_text(os.path.join(save_dir, tag, COMPLETE), tag + "\n")
+    atomic_write_text(os.path.join(save_dir, LATEST), tag)
     for leftover in unfinished_tags(save_dir):
         shutil.rmtree(os.path.join(save_dir, leftover), ignore_errors=True)
     if keep_last_k:
@@ -338,7 +326,7 @@ def unfinished_tags(save_dir: str) -> List[str]:
     """Folders of our saves that never completed (killed mid-save, e.g. a signal's save at an
     iteration the resumed run will not save again): ``rng/`` is made first, ``complete`` last.
     Folders without ``rng/`` (a Megatron-DeepSpeed checkpoint sharing --save) are not ours."""
-    return [n for n in os.listdir(save_dir) if TAG_RE.match(n) and os.path.isdir(os.path.join(save_dir, n, "rng"))
+    return [n for n in os.listdir(save_dir) if TAG_RE.match(n) and os.path.isdir(os.path.join(save_dir, n, RNG_DIR))
             and not os.path.isfile(os.path.join(save_dir, n, COMPLETE))]
 
 
@@ -353,7 +341,7 @@ def prune(save_dir: str, keep_last_k: int) -> None:
 
 def load_rng(info: CheckpointInfo, rank: int, same_layout: bool, tracker=None) -> bool:
     """Restore this rank's RNG streams when the layout is unchanged; returns whether it did."""
-    path = os.path.join(info.path, "rng", f"rank_{rank:05d}.pt")
+    path = os.path.join(info.path, rng_file(rank))
     if not same_layout or not os.path.isfile(path):
         return False
     set_rng_state(torch.load(path, map_location="cpu", weights_only=True), tracker)

@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, TAG_RE, layer_file, mp_rank_file
 from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 
-LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 EMBEDDING_KEYS = {
     "word_embeddings.weight": "transformer.word_embeddings.weight",
     "word_embeddings.norm.weight": "transformer.word_embeddings_layernorm.weight",
@@ -54,9 +53,10 @@ def resolve_tag_dir(path: str) -> str:
     """The ``global_stepN`` folder: ``path`` itself, the tag ``latest`` names, or the newest one."""
     if not os.path.isdir(path):
         raise UserError(f"checkpoint directory {path} does not exist")
-    if any(LAYER_RE.match(n) for n in os.listdir(path)):
+    if any(LAYER_FILE_RE.match(n) for n in os.listdir(path)):
         return path
-    for marker in ("latest", "latest_checkpointed_iteration.txt"):
+    # Megatron-LM's own marker holds a bare iteration number.
+    for marker in (LATEST, "latest_checkpointed_iteration.txt"):
         f = os.path.join(path, marker)
         if os.path.isfile(f):
             tag = open(f).read().strip()
@@ -65,7 +65,7 @@ def resolve_tag_dir(path: str) -> str:
             if os.path.isdir(os.path.join(path, tag)):
                 return os.path.join(path, tag)
             raise UserError(f"{f} names '{tag}' but {os.path.join(path, tag)} does not exist")
-    steps = sorted((int(m.group(1)), n) for n in os.listdir(path) if (m := re.match(r"^global_step(\d+)$", n)))
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(path) if (m := TAG_RE.match(n)))
     if not steps:
         raise UserError(f"{path} has no layer_XX-model_YY-model_states.pt files, 'latest' or global_stepN folder")
     return os.path.join(path, steps[-1][1])
@@ -73,7 +73,7 @@ def resolve_tag_dir(path: str) -> str:
 
 def read_megatron_args(tag_dir: str) -> Dict[str, Any]:
     """Megatron's args and iteration from ``mp_rank_00_model_states.pt`` ({} when unreadable)."""
-    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    path = os.path.join(tag_dir, mp_rank_file(0))
     if not os.path.isfile(path):
         return {}
     try:
@@ -91,7 +91,7 @@ def read_megatron_args(tag_dir: str) -> Dict[str, Any]:
 def _layer_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
     files: Dict[int, Dict[int, str]] = {}
     for name in os.listdir(tag_dir):
-        m = LAYER_RE.match(name)
+        m = LAYER_FILE_RE.match(name)
         if m:
             files.setdefault(int(m.group(1)), {})[int(m.group(2))] = os.path.join(tag_dir, name)
     if not files:
@@ -100,7 +100,7 @@ def _layer_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
     for idx, ranks in sorted(files.items()):
         for r in range(tp):
             if r not in ranks:
-                raise UserError(f"{os.path.join(tag_dir, f'layer_{idx:02d}-model_{r:02d}-model_states.pt')} is missing "
+                raise UserError(f"{os.path.join(tag_dir, layer_file(idx, r))} is missing "
                                 f"(the other layers have {tp} TP ranks)")
     return files
 
