@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from megatron_bloom.checkpoint.files import copy_tokenizer_files, has_tokenizer_files, tokenizer_files
 from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
@@ -35,7 +35,6 @@ PT_BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 """transformers' default shard size (5 GB); BLOOM-176B in bf16 is ~70 shards of it."""
 
-_TOKENIZER_SKIP = {"config.json", "generation_config.json", SAFETENSORS_INDEX, PT_BIN_INDEX}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -200,36 +199,6 @@ def tokenizer_special_tokens(folder: str) -> Dict[str, Optional[int]]:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot load the tokenizer in {folder} ({type(exc).__name__}: {first})") from None
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
-
-
-def has_tokenizer_files(folder: str) -> bool:
-    """Whether ``folder`` holds a transformers tokenizer (tokenizer.json, its config or a vocab)."""
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
-def tokenizer_files(src: str) -> List[str]:
-    """Names of a tokenizer folder's files (not weights or model configs); a UserError when it has none.
-
-    Cheap, so converters call it first: a wrong --tokenizer fails before any weight is read.
-    """
-    if not os.path.isdir(src):
-        raise UserError(f"tokenizer folder {src} does not exist; pass the folder holding tokenizer.json "
-                        f"(e.g. from data_tools/train_tokenizer.py)")
-    names = [n for n in sorted(os.listdir(src))
-             if os.path.isfile(os.path.join(src, n)) and n not in _TOKENIZER_SKIP
-             and not n.endswith((".safetensors", ".bin", ".pt"))]
-    if not any(n.startswith("tokenizer") or n in ("vocab.json", "spiece.model") for n in names):
-        raise UserError(f"{src} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-    return names
-
-
-def copy_tokenizer_files(src: str, dst: str) -> List[str]:
-    """Copy a tokenizer folder's files (not weights or model configs) into ``dst``; returns names."""
-    names = tokenizer_files(src)
-    os.makedirs(dst, exist_ok=True)
-    for n in names:
-        shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
-    return names
 
 
 def _shards(sd: StateDict, max_bytes: int) -> List[List[str]]:

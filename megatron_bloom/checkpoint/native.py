@@ -36,17 +36,26 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from megatron_bloom.checkpoint.files import (
+    COMPLETE,
+    LATEST,
+    LAYER_FILE,
+    LAYER_FILE_GLOB,
+    LAYER_FILE_RE,
+    MP_RANK_FILE_RE,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    atomic_torch_save,
+    atomic_write_text,
+    copy_tokenizer_files,
+    tag_for,
+)
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
 from megatron_bloom.layers.duplicated import tp_copies_drift
 
 StateDict = Dict[str, Tensor]
 
-LAYER_FILE = "layer_{idx:02d}-model_{tp:02d}-model_states.pt"
-LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-STATE_FILE = "megatron_bloom.pt"
-TOKENIZER_DIR = "tokenizer"
-"""Sub-folder of a converted checkpoint holding the tokenizer files it came with (optional)."""
 
 BLOCK_KEYS = (
     "input_layernorm.weight",
@@ -277,19 +286,6 @@ def merge_layer(shards: Sequence[StateDict], vocab_size: int, where: str) -> Sta
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_native_checkpoint(
     state_dict: StateDict,
     model_cfg: ModelConfig,
@@ -311,13 +307,11 @@ def write_native_checkpoint(
     check_state_dict(state_dict, model_cfg, "the given state dict")
     check_tp(model_cfg, tp)
     cast = parse_dtype(dtype)
-    tag = f"global_step{iteration}"
+    tag = tag_for(iteration)
     path = os.path.join(out_dir, tag)
     if os.path.exists(path):
         raise UserError(f"{path} already exists; choose another output directory or delete it")
     if tokenizer_dir:
-        from megatron_bloom.checkpoint.hf import copy_tokenizer_files
-
         copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
     os.makedirs(path)
     padded = model_cfg.padded_vocab_size(tp)
@@ -326,7 +320,7 @@ def write_native_checkpoint(
         if cast is not None:
             full = {k: v.to(cast) for k, v in full.items()}
         for rank in range(tp):
-            _atomic_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
+            atomic_torch_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
     run = RunConfig(model=dataclasses.replace(model_cfg))
     run.parallel.tensor_model_parallel_size = tp
     if pp is not None:
@@ -338,9 +332,9 @@ def write_native_checkpoint(
         "weights_only": True,
         "special_tokens": dict(special_tokens or {}),
     }
-    _atomic_save(state, os.path.join(path, STATE_FILE))
-    _atomic_text(os.path.join(path, "complete"), tag + "\n")
-    _atomic_text(os.path.join(out_dir, "latest"), tag)
+    atomic_torch_save(state, os.path.join(path, STATE_FILE))
+    atomic_write_text(os.path.join(path, COMPLETE), tag + "\n")
+    atomic_write_text(os.path.join(out_dir, LATEST), tag)
     return path
 
 
@@ -354,9 +348,9 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[str, str]:
         raise UserError(f"checkpoint directory {path} does not exist")
     if tag is not None:
         return path, tag
-    if os.path.isfile(os.path.join(path, STATE_FILE)) or glob.glob(os.path.join(path, "layer_*-model_states.pt")):
+    if os.path.isfile(os.path.join(path, STATE_FILE)) or glob.glob(os.path.join(path, LAYER_FILE_GLOB)):
         return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
-    latest = os.path.join(path, "latest")
+    latest = os.path.join(path, LATEST)
     if not os.path.isfile(latest):
         raise UserError(f"{path} has no 'latest' file and no layer files: not a native checkpoint")
     tag = open(latest).read().strip()
@@ -439,7 +433,7 @@ def _engine_state_layers(path: str, cfg: ModelConfig) -> Tuple[List[str], List[D
     DeepSpeed's plain engine (used for ZeRO-2/3) writes no layer files; under ZeRO-2 its engine
     file per model-parallel (= TP) rank holds BloomSequential's state dict, ``layers.{idx}.<key>``.
     """
-    files = sorted(f for f in os.listdir(path) if re.match(r"^mp_rank_\d+_model_states\.pt$", f))
+    files = sorted(f for f in os.listdir(path) if MP_RANK_FILE_RE.match(f))
     per_rank = []
     for name in files:
         f = os.path.join(path, name)
@@ -472,7 +466,7 @@ def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelC
     names = os.listdir(ckpt)
     sd: StateDict = {}
     sources: Dict[str, str] = {}
-    if not any(LAYER_FILE_RE.match(n) for n in names) and any(re.match(r"^mp_rank_\d+_model_states\.pt$", n) for n in names):
+    if not any(LAYER_FILE_RE.match(n) for n in names) and any(MP_RANK_FILE_RE.match(n) for n in names):
         files, per_rank = _engine_state_layers(ckpt, cfg)
         for idx in range(cfg.num_layers + 3):
             for r, layers in enumerate(per_rank):
