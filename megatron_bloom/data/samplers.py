@@ -9,6 +9,7 @@ micro_batch_size. With consumed_samples = 0, micro_batch_size = 2 and data_paral
 
 i.e. sample k goes to rank (k // micro_batch_size) % data_parallel_size. Nothing is random here:
 the shuffling lives in the dataset's shuffle_idx, so resuming only needs the consumed count.
+The trainer deals each step's samples through it (``training/data.micro_batches_for_step``).
 """
 from __future__ import annotations
 

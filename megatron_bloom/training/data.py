@@ -1,4 +1,5 @@
-"""Pretraining batches: datasets from the configuration, and this rank's micro-batches of a step.
+"""Batches: pretraining datasets from the configuration, and this rank's micro-batches of a step
+(pretraining samples or finetuning rows, through the one slicer ``micro_batches_for_step``).
 
 Sample order is Megatron's: global sample k of the run belongs to micro-batch k // mbs, which
 goes to DP rank (k // mbs) % DP. A step that starts at ``consumed_samples`` with global batch G
@@ -7,16 +8,21 @@ changes who reads a sample, never which samples a step sees.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import RunConfig
+from megatron_bloom.data.finetune import row_counts
+from megatron_bloom.data.mixtures import weighted_split_paths
+from megatron_bloom.data.samplers import PretrainingSampler
+from megatron_bloom.errors import UserError
 
 MicroBatch = Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Collate = Callable[[Sequence[dict], int, int], tuple]
+"""(rows, first sample number, vocab_size) -> one micro-batch."""
 
 
 def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
@@ -59,26 +65,6 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
     return train, ({"validation": valid} if valid is not None else {})
 
 
-def weighted_split_paths(cfg: RunConfig) -> Tuple[Optional[List[str]], Optional[List[str]]]:
-    """(train groups, validation groups) from the flags or from the mixture files their *_path flags name."""
-    from megatron_bloom.data.xp3 import read_weighted_split_paths_file
-
-    d = cfg.data
-    out = []
-    for kind in ("train", "valid"):
-        inline = getattr(d, f"{kind}_weighted_split_paths")
-        path = getattr(d, f"{kind}_weighted_split_paths_path")
-        if inline and path:
-            raise UserError(f"--{kind}-weighted-split-paths and --{kind}-weighted-split-paths-path are both given; keep one")
-        if path:
-            try:
-                inline = read_weighted_split_paths_file(path, f"--{kind}-weighted-split-paths-path")
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-        out.append(inline)
-    return out[0], out[1]
-
-
 def micro_batches_for_step(
     dataset,
     consumed_samples: int,
@@ -87,23 +73,62 @@ def micro_batches_for_step(
     dp_size: int,
     dp_rank: int,
     vocab_size: int,
-) -> List[MicroBatch]:
-    """This DP rank's micro-batches of the step starting at ``consumed_samples``."""
-    out = []
-    per_micro = micro_batch_size * dp_size
-    for j in range(global_batch_size // per_micro):
-        start = consumed_samples + j * per_micro + dp_rank * micro_batch_size
-        rows = [np.asarray(dataset[k % len(dataset)]["text"], dtype=np.int64) for k in range(start, start + micro_batch_size)]
-        tokens = torch.from_numpy(np.stack(rows))  # [mbs, seq + 1]
-        top = int(tokens.max())
+    collate: Optional[Collate] = None,
+) -> list:
+    """This DP rank's micro-batches of the step starting at ``consumed_samples``.
+
+    ``PretrainingSampler`` deals the step's global sample numbers to DP ranks; each micro-batch is
+    ``collate(rows, first sample number, vocab_size)`` of its rows (``pretraining_micro_batch``
+    unless given). Sample numbers past the dataset's end wrap around.
+    """
+    collate = collate or pretraining_micro_batch
+    n = len(dataset)
+    sampler = PretrainingSampler(consumed_samples + global_batch_size, consumed_samples, micro_batch_size, dp_rank,
+                                 dp_size)
+    return [collate([dataset[k % n] for k in indices], indices[0], vocab_size) for indices in sampler]
+
+
+def pretraining_micro_batch(rows: Sequence[dict], first: int, vocab_size: int) -> MicroBatch:
+    """``(input_ids, (labels, loss_mask))`` from GPT samples of ``seq_length + 1`` tokens."""
+    tokens = torch.from_numpy(np.stack([np.asarray(r["text"], dtype=np.int64) for r in rows]))  # [mbs, seq + 1]
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise UserError(
+            f"training sample {first} holds token id {top} >= vocab_size {vocab_size}: the data was "
+            f"tokenized with a larger vocabulary; re-preprocess it or set --vocab-size"
+        )
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    return inputs, (labels, torch.ones(labels.shape, dtype=torch.float32))
+
+
+def finetune_micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
+                           dp_size: int, dp_rank: int, vocab_size: int, norm_target_loss: bool) -> list:
+    """This DP rank's finetuning micro-batches of the step starting at ``consumed_samples`` (packed rows).
+
+    Each is ``((input_ids, segment_ids), (labels, loss_weights, scale, language, task))``. With T
+    target tokens in the whole global batch (or S target sequences under ``norm_target_loss``,
+    each token of a target of length n then weighing 1/n), ``scale = G * DP / T`` (or ``/ S``) for G
+    micro-batches per rank: DeepSpeed's mean over micro-batches and DP ranks of ``sum(weights *
+    losses) * scale`` is then the global mean, whatever the micro-batch size, accumulation and DP size.
+    """
+    n = len(dataset)
+    num_micro = global_batch_size // (micro_batch_size * dp_size)
+    counts = np.array([row_counts(dataset, (consumed_samples + i) % n) for i in range(global_batch_size)])
+    total = int(counts[:, 1 if norm_target_loss else 0].sum())
+    # float64 then one rounding: the factor every layout multiplies its partial sums by.
+    scale = torch.tensor([num_micro * dp_size / total if total else 0.0], dtype=torch.float64).float()
+
+    def collate(rows: Sequence[dict], first: int, vocab_size: int):
+        b = {key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]}  # [mbs, s] each
+        top = int(b["tokens"].max())
         if top >= vocab_size:
-            raise UserError(
-                f"training sample {start} holds token id {top} >= vocab_size {vocab_size}: the data was "
-                f"tokenized with a larger vocabulary; re-preprocess it or set --vocab-size"
-            )
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        out.append((inputs, (labels, torch.ones(labels.shape, dtype=torch.float32))))
-    return out
+            raise UserError(f"finetuning row {first} holds token id {top} >= vocab_size {vocab_size}: the pairs were "
+                            f"tokenized with a larger vocabulary; re-preprocess them or set --vocab-size")
+        weights = b["sequence_weight"] if norm_target_loss else b["loss_mask"]
+        return (b["tokens"], b["segment_ids"]), (b["labels"], weights, scale, b["language"], b["task"])
+
+    return micro_batches_for_step(dataset, consumed_samples, global_batch_size, micro_batch_size, dp_size, dp_rank,
+                                  vocab_size, collate)
 
 
 def parse_skip_ranges(ranges: Optional[Sequence[str]]) -> List[Tuple[int, int]]:

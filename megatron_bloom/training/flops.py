@@ -1,6 +1,8 @@
 """Model FLOPs and TFLOPs per GPU with Megatron's formula (the one BLOOM-176B's logs used)."""
 from __future__ import annotations
 
+from typing import Callable
+
 
 def flops_per_iteration(
     batch_size: int, seq_length: int, num_layers: int, hidden_size: int, vocab_size: int, recompute: bool
@@ -17,3 +19,15 @@ def flops_per_iteration(
 
 def tflops_per_gpu(flops: float, seconds: float, world_size: int) -> float:
     return flops / (seconds * world_size * 1e12)
+
+
+def model_flops_per_iteration(cfg) -> Callable[[int], float]:
+    """``global_batch_size -> flops_per_iteration`` for ``cfg``'s model (padded vocabulary, recompute)."""
+    m = cfg.model
+    padded_vocab = m.padded_vocab_size(cfg.parallel.tensor_model_parallel_size)
+
+    def flops(global_batch_size: int) -> float:
+        return flops_per_iteration(global_batch_size, m.seq_length, m.num_layers, m.hidden_size, padded_vocab,
+                                   m.checkpoint_activations)
+
+    return flops

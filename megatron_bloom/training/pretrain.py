@@ -6,6 +6,7 @@ starts from scratch; otherwise the newest complete checkpoint is resumed, at the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,9 +32,11 @@ from megatron_bloom.training.data import (
     parse_skip_ranges,
     skip_sample_ranges_to_add,
 )
+from megatron_bloom.monitoring import TrainingMonitor
 from megatron_bloom.monitoring.metrics import max_rss_mb, rss_mb
+from megatron_bloom.training.flops import model_flops_per_iteration
 from megatron_bloom.training.losses import PretrainingLoss
-from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule
+from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule, total_train_iters
 from megatron_bloom.training.signals import EXIT_REQUEUE, StopRequests
 
 
@@ -49,7 +52,7 @@ def layout_of(cfg: RunConfig) -> Dict[str, int]:
             "dp": p.data_parallel_size, "zero": p.zero_stage}
 
 
-def _log0(message: str) -> None:
+def log0(message: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
 
@@ -77,7 +80,7 @@ class Trainer:
         precision_warning = half_precision_warning("bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
                                                    self.state.device)
         if precision_warning:
-            _log0(precision_warning)
+            log0(precision_warning)
 
         self.lr_schedule = LearningRateSchedule.from_config(t)
         self.batch_schedule = build_batch_schedule(t, p.data_parallel_size)
@@ -107,7 +110,7 @@ class Trainer:
                     )
                 load_dir = os.path.join(self.resume.directory, "universal")
                 if self.rank == 0:
-                    _log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
+                    log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
                     convert_to_universal(self.resume.directory, self.resume.tag, load_dir)
                 dist.barrier()
 
@@ -122,10 +125,10 @@ class Trainer:
         if self.rank == 0 and cfg.checkpoint.save:
             save_resolved_config(cfg, cfg.checkpoint.save)
 
-        from megatron_bloom.monitoring import TrainingMonitor
-
         self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
-                                       start_iteration=self.iteration)
+                                       train_iters=total_train_iters(t, p.data_parallel_size),
+                                       start_iteration=self.iteration,
+                                       flops_per_iteration=model_flops_per_iteration(cfg))
 
     # ---- hooks (the finetuning trainer overrides these) ------------------------------------------
 
@@ -133,7 +136,7 @@ class Trainer:
         """The checkpoint to start from (None: from scratch); decided before the engine exists."""
         info = find_checkpoint(self.cfg.checkpoint.load)
         if self.cfg.checkpoint.load and info is None:
-            _log0(f"WARNING: --load {self.cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
+            log0(f"WARNING: --load {self.cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
         return info
 
     def _build_datasets(self, train_samples: int, valid_samples: int):
@@ -183,7 +186,7 @@ class Trainer:
             from megatron_bloom.checkpoint.native import load_weights_only
 
             load_weights_only(self.engine, info.directory, info.tag)
-            _log0(f"> loaded weights from {info.path} (fresh optimizer, schedule and data position)")
+            log0(f"> loaded weights from {info.path} (fresh optimizer, schedule and data position)")
             return
         self.engine.load(load_dir, info.tag)
         s = info.state
@@ -200,7 +203,7 @@ class Trainer:
             # each stage and TP rank its own as at the start of a run.
             set_seed(self.cfg.training.seed + self.iteration)
             self.engine.seed_dropout(self.cfg.training.seed + self.iteration)
-        _log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
+        log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
               + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
 
     def save(self) -> None:
@@ -209,7 +212,7 @@ class Trainer:
             return
         start = time.time()
         path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k)
-        _log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
+        log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -223,17 +226,24 @@ class Trainer:
         return micro_batches_for_step(dataset, consumed, gbs, t.micro_batch_size, self.state.dims.dp,
                                       self.state.dp_rank, self.cfg.model.vocab_size)
 
-    def evaluate(self) -> Dict[str, float]:
-        results = {}
+    def _evaluating(self):
+        """Context around a whole evaluation (every validation group); a hook for subclasses."""
+        return contextlib.nullcontext()
+
+    def _evaluate_group(self, name: str, dataset) -> float:
+        """Mean loss over the first ``eval_iters`` global batches of one validation group."""
         gbs = self.batch_schedule.global_batch_size(self.consumed_samples)
-        for name, dataset in self.valid_ds.items():
-            losses = []
-            for i in range(self.cfg.logging.eval_iters):
-                # Evaluation reads its own dataset from the start each time: comparable numbers.
-                losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs),
-                                                    gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
-            results[name] = sum(losses) / len(losses)
-        return results
+        losses = []
+        for i in range(self.cfg.logging.eval_iters):
+            # Evaluation reads its own dataset from the start each time: comparable numbers.
+            losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs),
+                                                gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
+        return sum(losses) / len(losses)
+
+    def evaluate(self) -> Dict[str, float]:
+        """{validation group: mean loss}; subclasses hook in through ``_evaluating`` and ``_evaluate_group``."""
+        with self._evaluating():
+            return {name: self._evaluate_group(name, dataset) for name, dataset in self.valid_ds.items()}
 
     def train(self) -> int:
         cfg, t, lg = self.cfg, self.cfg.training, self.cfg.logging
@@ -241,7 +251,7 @@ class Trainer:
         start_time = time.time()
         first_iteration = self.iteration
         exit_code = 0
-        _log0(f"> training from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
+        log0(f"> training from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
         self.monitor.reset_timer()
         try:
             while not self._done():
@@ -256,7 +266,7 @@ class Trainer:
                     self.consumed_samples += gbs
                     self.consumed_tokens += gbs * cfg.model.seq_length
                     self.skipped_iterations += 1
-                    _log0(f"> iteration {self.iteration}: skipped (--skip-train-iteration-range)")
+                    log0(f"> iteration {self.iteration}: skipped (--skip-train-iteration-range)")
                     continue
                 if gbs != self.engine.gradient_accumulation_steps * t.micro_batch_size * self.state.dims.dp:
                     self.engine.set_gradient_accumulation_steps(gbs // (t.micro_batch_size * self.state.dims.dp))
@@ -275,7 +285,7 @@ class Trainer:
                 if nan:
                     self.nan_iterations += 1
                 if result.nonfinite is not None:
-                    _log0(f"> iteration {self.iteration}: NaN/Inf gradient, {result.nonfinite}; update skipped on "
+                    log0(f"> iteration {self.iteration}: NaN/Inf gradient, {result.nonfinite}; update skipped on "
                           f"every rank (--nan-policy skip; nan iterations so far: {self.nan_iterations})")
                 self.monitor.record_step(
                     self.iteration,
@@ -315,7 +325,7 @@ class Trainer:
                     if not saved:
                         with self.monitor.untimed():
                             self.save()
-                    _log0(f"> stopping at iteration {self.iteration}: {reason}; exit code {exit_code}")
+                    log0(f"> stopping at iteration {self.iteration}: {reason}; exit code {exit_code}")
                     return exit_code
             # A finished run started again takes no step: the checkpoint it resumed from is the
             # final one, and rewriting it in place would only open a window for a kill to corrupt it.
@@ -325,7 +335,7 @@ class Trainer:
                 self.save()
             if self.valid_ds and self.iteration % lg.eval_interval != 0:
                 self._validate()
-            _log0(f"> training done at iteration {self.iteration} ({self.consumed_samples} samples)")
+            log0(f"> training done at iteration {self.iteration} ({self.consumed_samples} samples)")
             return 0
         finally:
             self.stop.uninstall()

@@ -22,9 +22,8 @@ import math
 import warnings
 from typing import Any, Dict, List, Tuple
 
+from megatron_bloom.config.validate import LR_DECAY_STYLES
 from megatron_bloom.errors import UserError
-
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
 class LearningRateSchedule:

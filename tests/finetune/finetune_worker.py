@@ -65,7 +65,8 @@ def _changed_copy(tokens, segment_ids, row, segment):
 def run(prefix, tp, pp, zero, mbs, manual=False, isolation=False):
     """Eval losses (both modes), a token-mean step and a per-sequence step; optional checks."""
     from megatron_bloom.training.engine import BloomEngine
-    from megatron_bloom.training.finetune import GroupLossMeter, finetune_micro_batches
+    from megatron_bloom.monitoring.group_loss import GroupLossMeter
+    from megatron_bloom.training.data import finetune_micro_batches
     from megatron_bloom.training.losses import FinetuningLoss
 
     cfg = tiny_config(tp, pp, zero, mbs)
@@ -115,7 +116,7 @@ def _reduce(engine, state):
 
 def _isolation(engine, state, rows, pp, mbs):
     """Change one packed sample: the other samples' logits must not change by a single bit."""
-    from megatron_bloom.training.finetune import finetune_micro_batches
+    from megatron_bloom.training.data import finetune_micro_batches
 
     # A micro-batch of the layout's own size: the pipeline engine sends activations of the shape
     # it saw first, so a bigger micro-batch here would not match what the next stage expects.

@@ -193,7 +193,7 @@ def test_rows_mask_exactly_the_targets_and_restart_segments(tmp_path):
 
 def test_micro_batch_scales_make_the_global_mean_for_every_split():
     """sum over micro-batches and ranks of (weights * scale) / (accumulation * DP) = 1 exactly as planned."""
-    from megatron_bloom.training.finetune import finetune_micro_batches
+    from megatron_bloom.training.data import finetune_micro_batches
 
     class Rows:
         def __init__(self):

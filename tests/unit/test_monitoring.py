@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, validate_config
 from megatron_bloom.monitoring import TrainingMonitor
-from megatron_bloom.training.flops import flops_per_iteration
+from megatron_bloom.training.flops import flops_per_iteration, model_flops_per_iteration
 
 WORLD = 4
 GBS, SEQ, ITERS, LOG_EVERY = 8, 128, 20, 5
@@ -30,6 +30,11 @@ def make_cfg(tmp_path, fp16=True, wandb_project=None):
     cfg.logging.tensorboard_dir = str(tmp_path / "tb")
     cfg.logging.wandb_project = wandb_project
     return validate_config(cfg, world_size=WORLD)  # DP 4: 2 x 4 = 8, one micro-batch per step
+
+
+def monitor_for(cfg, **kwargs):
+    """The monitor as the trainer builds it: the run's length and its model FLOPs handed in."""
+    return TrainingMonitor(cfg, train_iters=ITERS, flops_per_iteration=model_flops_per_iteration(cfg), **kwargs)
 
 
 def step_values(i):
@@ -78,7 +83,7 @@ def close(a, b):
 def test_tensorboard_tags_values_and_steps(tmp_path):
     cfg = make_cfg(tmp_path)
     printed = []
-    lines = run(TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=printed.append))
+    lines = run(monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=printed.append))
     acc, tb = scalars(cfg.logging.tensorboard_dir)
 
     advanced = [i for i in range(1, ITERS + 1) if i != SKIPPED]
@@ -138,7 +143,7 @@ def test_tensorboard_tags_values_and_steps(tmp_path):
 
 def test_console_line_format(tmp_path):
     cfg = make_cfg(tmp_path)
-    lines = run(TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
+    lines = run(monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
     assert lines[0] == (
         " iteration        5/      20 | consumed samples:           40 | consumed tokens:         5120 |"
         " elapsed time per iteration (ms): 125.0 | learning rate: 2.500E-05 | global batch size:     8 |"
@@ -152,7 +157,7 @@ def test_console_line_format(tmp_path):
 
 def test_validation_block_format(tmp_path):
     cfg = make_cfg(tmp_path)
-    monitor = TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
+    monitor = monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
     block = monitor.log_validation(1000, {"valid-en": 2.0, None: 30.0}, 8000, 8000 * SEQ)
     monitor.close()
     rule, en, unnamed, rule2 = block.split("\n")
@@ -167,14 +172,14 @@ def test_validation_block_format(tmp_path):
 
 def test_bf16_run_has_no_loss_scale_and_other_ranks_write_nothing(tmp_path):
     cfg = make_cfg(tmp_path, fp16=False)
-    lines = run(TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
+    lines = run(monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
     assert all("loss scale" not in line for line in lines)
     _, tb = scalars(cfg.logging.tensorboard_dir)
     assert not any(tag.startswith("loss-scale/") for tag in tb)
 
     other = make_cfg(tmp_path / "other")
     printed = []
-    assert run(TrainingMonitor(other, is_logging_rank=False, world_size=WORLD, print_fn=printed.append)) == []
+    assert run(monitor_for(other, is_logging_rank=False, world_size=WORLD, print_fn=printed.append)) == []
     assert printed == [] and not os.path.exists(other.logging.tensorboard_dir)
 
 
@@ -182,7 +187,7 @@ def test_wall_clock_interval_leaves_out_untimed_work(tmp_path, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     cfg = make_cfg(tmp_path)
-    monitor = TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
+    monitor = monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
     clock[0] = 500.0  # setup time before the loop is not counted
     monitor.reset_timer()
     for i in range(1, 6):
@@ -197,7 +202,7 @@ def test_wall_clock_interval_leaves_out_untimed_work(tmp_path, monkeypatch):
 
 def test_log_scalars_for_later_features(tmp_path):
     cfg = make_cfg(tmp_path)
-    monitor = TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
+    monitor = monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None)
     monitor.log_scalars("lm-loss-training/per-language", {"fr lm loss": 2.5, "en lm loss": 2.25}, 3, 24, 3072)
     monitor.log_scalars("custom", {"x": 1.0}, 4)
     monitor.close()
@@ -211,7 +216,7 @@ def test_log_scalars_for_later_features(tmp_path):
 def test_wandb_missing_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     with pytest.raises(UserError) as err:
-        TrainingMonitor(make_cfg(tmp_path, wandb_project="p"), is_logging_rank=True, world_size=WORLD)
+        monitor_for(make_cfg(tmp_path, wandb_project="p"), is_logging_rank=True, world_size=WORLD)
     assert "wandb is not installed" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -252,7 +257,7 @@ def test_wandb_offline_run_writes_the_same_metrics(tmp_path, monkeypatch):
                         "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
         monkeypatch.setenv(name, value)
     cfg = make_cfg(tmp_path, wandb_project="megatron-bloom-test")
-    run(TrainingMonitor(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
+    run(monitor_for(cfg, is_logging_rank=True, world_size=WORLD, print_fn=lambda _: None))
 
     files = glob.glob(os.path.join(cfg.logging.tensorboard_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
