@@ -61,6 +61,11 @@ def _first(values: Dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+def read_config_json(folder: str) -> Dict[str, Any]:
+    """A transformers folder's config.json as a dict (UserError when missing or not a JSON object)."""
+    return _read_json(os.path.join(folder, "config.json"))
+
+
 def model_config_from_hf(values: Dict[str, Any], where: str = "config.json") -> ModelConfig:
     """ModelConfig from a BloomConfig dict (current and older key names)."""
     model_type = values.get("model_type", "bloom")

@@ -202,3 +202,22 @@ def config_from_dict(values: Dict[str, Dict[str, Any]]) -> RunConfig:
     cfg = RunConfig()
     _apply(cfg, values)
     return cfg
+
+
+def explicit_keys(argv: Optional[Sequence[str]] = None) -> Dict[str, set]:
+    """``{section: field names}`` that ``argv`` sets by flag or through its --config YAML.
+
+    Lets a caller apply its own defaults only where the user gave nothing (defaults and
+    ``model_name``'s values do not count as given).
+    """
+    ns, _ = build_parser().parse_known_args(argv)
+    given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
+    out: Dict[str, set] = {section: set() for section in SECTIONS}
+    if "config" in given:
+        for section, values in load_yaml(given.pop("config")).items():
+            out[section].update(values)
+    index = _flag_index()
+    for name in given:
+        section, key = index[name]
+        out[section].add(key)
+    return out
