@@ -27,6 +27,7 @@ from megatron_bloom.checkpoint.files import copy_tokenizer_files, has_tokenizer_
 from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.models.spec import get_model_spec
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -54,63 +55,20 @@ def _read_json(path: str) -> Dict[str, Any]:
     return value
 
 
-def _first(values: Dict[str, Any], *names: str, default: Any = None) -> Any:
-    for name in names:
-        if values.get(name) is not None:
-            return values[name]
-    return default
-
-
 def read_config_json(folder: str) -> Dict[str, Any]:
     """A transformers folder's config.json as a dict (UserError when missing or not a JSON object)."""
     return _read_json(os.path.join(folder, "config.json"))
 
 
 def model_config_from_hf(values: Dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """ModelConfig from a BloomConfig dict (current and older key names)."""
-    model_type = values.get("model_type", "bloom")
-    if model_type != "bloom":
-        raise UserError(f"{where}: model_type is '{model_type}', not 'bloom'")
-    try:
-        cfg = ModelConfig(
-            num_layers=int(_first(values, "n_layer", "num_hidden_layers", "num_layers", default=2)),
-            hidden_size=int(_first(values, "hidden_size", "n_embed", default=64)),
-            num_attention_heads=int(_first(values, "n_head", "num_attention_heads", default=8)),
-            vocab_size=int(_first(values, "vocab_size", default=250880)),
-            layer_norm_epsilon=float(_first(values, "layer_norm_epsilon", default=1e-5)),
-            init_method_std=float(_first(values, "initializer_range", default=0.02)),
-            hidden_dropout=float(_first(values, "hidden_dropout", default=0.0)),
-            attention_dropout=float(_first(values, "attention_dropout", default=0.0)),
-            apply_residual_connection_post_layernorm=bool(
-                values.get("apply_residual_connection_post_layernorm", False)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{where}: bad value ({exc})") from None
-    if "seq_length" in values and values["seq_length"]:
-        cfg.seq_length = int(values["seq_length"])
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise UserError(f"{where}: hidden_size={cfg.hidden_size} is not divisible by n_head={cfg.num_attention_heads}")
-    return cfg
+    """ModelConfig from a transformers config dict (the model's HF adapter; older key names too)."""
+    return get_model_spec().hf.config_from_hf(values, where)
 
 
 def bloom_config_from_model_config(model_cfg: ModelConfig, **extra: Any):
-    """transformers' ``BloomConfig`` of a ``ModelConfig`` (the inverse of ``model_config_from_hf``);
-    ``extra`` sets further BloomConfig fields (token ids, dropout overrides, attn_implementation)."""
-    from transformers import BloomConfig
-
-    values = dict(
-        vocab_size=model_cfg.vocab_size,
-        hidden_size=model_cfg.hidden_size,
-        n_layer=model_cfg.num_layers,
-        n_head=model_cfg.num_attention_heads,
-        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-        initializer_range=model_cfg.init_method_std,
-        apply_residual_connection_post_layernorm=model_cfg.apply_residual_connection_post_layernorm,
-        hidden_dropout=model_cfg.hidden_dropout,
-        attention_dropout=model_cfg.attention_dropout,
-    )
-    values.update(extra)
-    return BloomConfig(**values)
+    """transformers' config of a ``ModelConfig`` (the inverse of ``model_config_from_hf``);
+    ``extra`` sets further config fields (token ids, dropout overrides, attn_implementation)."""
+    return get_model_spec().hf.to_hf_config(model_cfg, **extra)
 
 
 def special_tokens_from_hf(values: Dict[str, Any]) -> Dict[str, Optional[int]]:
@@ -159,10 +117,6 @@ def weight_files(folder: str) -> List[str]:
     raise UserError(f"{folder} has no {SAFETENSORS}, {PT_BIN} or index of shards")
 
 
-def _normalize_key(key: str) -> str:
-    return key if key.startswith("transformer.") or key.startswith("lm_head.") else "transformer." + key
-
-
 def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
     """(ModelConfig, full state dict with our keys and real vocabulary rows) of a transformers folder."""
     if not os.path.isdir(folder):
@@ -170,6 +124,7 @@ def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
     config_path = os.path.join(folder, "config.json")
     values = _read_json(config_path)
     cfg = model_config_from_hf(values, config_path)
+    adapter = get_model_spec().hf
     sd: StateDict = {}
     sources: Dict[str, str] = {}
     for path in weight_files(folder):
@@ -177,15 +132,15 @@ def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
         for key, tensor in part.items():
             if not isinstance(tensor, Tensor):
                 continue
-            key = _normalize_key(key)
+            key = adapter.hf_key(key)
             if key in sd:
                 raise UserError(f"{path}: tensor '{key}' also appears in {sources[key]}")
             sd[key], sources[key] = tensor, path
-    head = sd.pop("lm_head.weight", None)
+    head = sd.pop(adapter.TIED_HEAD_KEY, None)
     if head is not None:
-        emb = sd.get("transformer.word_embeddings.weight")
+        emb = sd.get(adapter.EMBEDDING_KEY)
         if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
-            raise UserError(f"{sources['lm_head.weight']}: lm_head.weight differs from the word embeddings; "
+            raise UserError(f"{sources[adapter.TIED_HEAD_KEY]}: {adapter.TIED_HEAD_KEY} differs from the word embeddings; "
                             f"only tied BLOOM heads are supported")
     check_state_dict(sd, cfg, sources)
     return cfg, sd
@@ -276,7 +231,7 @@ def write_hf_checkpoint(
         bos_token_id=tokens["bos"],
         eos_token_id=tokens["eos"],
         pad_token_id=tokens["pad"],
-        architectures=["BloomForCausalLM"],
+        architectures=[get_model_spec().hf.ARCHITECTURE],
         tie_word_embeddings=True,
     )
     # transformers >= 5 reads "dtype", older versions "torch_dtype".

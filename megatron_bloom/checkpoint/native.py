@@ -53,36 +53,17 @@ from megatron_bloom.checkpoint.files import (
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
 from megatron_bloom.layers.duplicated import tp_copies_drift
+from megatron_bloom.models.spec import get_model_spec
 
 StateDict = Dict[str, Tensor]
 
 
-BLOCK_KEYS = (
-    "input_layernorm.weight",
-    "input_layernorm.bias",
-    "self_attention.query_key_value.weight",
-    "self_attention.query_key_value.bias",
-    "self_attention.dense.weight",
-    "self_attention.dense.bias",
-    "post_attention_layernorm.weight",
-    "post_attention_layernorm.bias",
-    "mlp.dense_h_to_4h.weight",
-    "mlp.dense_h_to_4h.bias",
-    "mlp.dense_4h_to_h.weight",
-    "mlp.dense_4h_to_h.bias",
-)
-# How a layer-local key is split over TP ranks (parallelize.py); every other key is replicated.
-# query_key_value rows are stored per head ([heads, 3, head_dim]): a row split is a head split.
-SPLIT_DIM = {
-    "self_attention.query_key_value.weight": 0,
-    "self_attention.query_key_value.bias": 0,
-    "mlp.dense_h_to_4h.weight": 0,
-    "mlp.dense_h_to_4h.bias": 0,
-    "self_attention.dense.weight": 1,
-    "mlp.dense_4h_to_h.weight": 1,
-    "word_embeddings.weight": 0,  # vocab-parallel rows, after padding
-}
-EMBEDDING_KEY = "word_embeddings.weight"
+_SHARDING = get_model_spec().sharding
+BLOCK_KEYS = _SHARDING.block_keys
+"""A block's layer-local keys, in file order."""
+SPLIT_DIM = _SHARDING.split_dim
+"""Layer-local key -> the dim its TP shards are split on (the model's sharding table); every other key is replicated."""
+EMBEDDING_KEY = _SHARDING.embedding_key
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -499,16 +480,14 @@ def model_from_state_dict(
     cfg: ModelConfig, sd: StateDict, dtype: Union[None, str, torch.dtype] = None,
     attention_impl: Optional[str] = None,
 ):
-    """A single-device ``BloomForCausalLM`` holding a full state dict (vocab padded for TP=1).
+    """A single-device model (the spec's ``build_model``) holding a full state dict (vocab padded for TP=1).
 
     Built on the meta device, so no time is spent on a random init that would be overwritten.
     """
-    from megatron_bloom.models.bloom.model import BloomAttention, BloomForCausalLM
-
     if attention_impl is not None:
         cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
     with torch.device("meta"):
-        model = BloomForCausalLM(cfg)
+        model = get_model_spec().build_model(cfg)
     model.to_empty(device="cpu")
     padded = shard_layer({EMBEDDING_KEY: sd["transformer.word_embeddings.weight"]}, 1, 0, model.padded_vocab_size)
     full = dict(sd, **{"transformer.word_embeddings.weight": padded[EMBEDDING_KEY]})
@@ -516,9 +495,7 @@ def model_from_state_dict(
         missing, unexpected = model.load_state_dict(full, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise UserError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for m in model.modules():
-        if isinstance(m, BloomAttention):
-            m.reset_alibi_slopes()
+    model.reset_derived_buffers()
     cast = parse_dtype(dtype)
     if cast is not None:
         model.to(cast)

@@ -3,7 +3,8 @@
 A checkpoint saved at one (TP, PP, DP) is converted once (``ds_to_universal``) into one file per
 parameter holding the whole, unsharded fp32 weight and its Adam moments; any layout can then load
 it. How a parameter's TP shards merge is told by regex patterns over the pipeline's parameter
-names, published with every save (``universal_checkpoint_info`` on the module):
+names, derived from the model's sharding table and published with every save
+(``universal_checkpoint_info`` on the module):
 
     column-parallel (query_key_value, dense_h_to_4h, their biases)  concatenated on dim 0 (default)
     row-parallel    (self_attention.dense, dense_4h_to_h weights)   concatenated on dim 1
@@ -24,17 +25,12 @@ from typing import Any, Dict
 
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.models.spec import get_model_spec
 
-TP_REPLICATED = [
-    r".*word_embeddings_layernorm\.(weight|bias)$",
-    r".*input_layernorm\.(weight|bias)$",
-    r".*post_attention_layernorm\.(weight|bias)$",
-    r".*ln_f\.(weight|bias)$",
-    r".*self_attention\.dense\.bias$",
-    r".*mlp\.dense_4h_to_h\.bias$",
-]
-ROW_PARALLEL = [r".*self_attention\.dense\.weight$", r".*mlp\.dense_4h_to_h\.weight$"]
-VOCABULARY = [r".*word_embeddings\.weight$"]
+_PATTERNS = get_model_spec().sharding.universal_patterns()
+TP_REPLICATED = _PATTERNS["tp_replicated_parameter_patterns"]
+ROW_PARALLEL = _PATTERNS["parameter_with_row_parallelism_patterns"]
+VOCABULARY = _PATTERNS["vocabulary_parameter_patterns"]
 
 
 def universal_checkpoint_info(cfg: ModelConfig) -> Dict[str, Any]:
@@ -43,7 +39,7 @@ def universal_checkpoint_info(cfg: ModelConfig) -> Dict[str, Any]:
         "tp_replicated_parameter_patterns": TP_REPLICATED,
         "parameter_with_row_parallelism_patterns": ROW_PARALLEL,
         "vocabulary_parameter_patterns": VOCABULARY,
-        "pipeline_replicated_parameter_patterns": VOCABULARY,
+        "pipeline_replicated_parameter_patterns": _PATTERNS["pipeline_replicated_parameter_patterns"],
         "original_vocab_size": cfg.vocab_size,
         "parameter_to_average_patterns": [],
     }

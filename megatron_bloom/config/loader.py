@@ -17,6 +17,7 @@ import yaml
 
 from .docs import field_docs
 from megatron_bloom.errors import UserError
+from megatron_bloom.models.spec import get_model_spec
 from .schema import SECTIONS, RunConfig
 
 # Flags that launchers add on their own; accepted and ignored (the rank comes from the env).
@@ -146,11 +147,10 @@ def _apply(cfg: RunConfig, values: Dict[str, Dict[str, Any]]) -> None:
 
 
 def _named_model_values(name: str) -> Dict[str, Any]:
-    from megatron_bloom.models.bloom.configs import NAMED_MODELS
-
-    if name not in NAMED_MODELS:
-        raise UserError(f"unknown model_name '{name}'{_closest(name, NAMED_MODELS)}")
-    return dict(NAMED_MODELS[name])
+    named = get_model_spec().named_configs
+    if name not in named:
+        raise UserError(f"unknown model_name '{name}'{_closest(name, named)}")
+    return dict(named[name])
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:

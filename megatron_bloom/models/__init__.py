@@ -1,1 +1,4 @@
-"""Model definitions (single device; parallel forms are built by separate functions)."""
+"""Model definitions (single device; parallel forms are built by separate functions).
+
+Each family registers a ``ModelSpec`` (``spec.py``); the rest of the package uses ``get_model_spec``.
+"""

@@ -195,9 +195,9 @@ def measure_engine(cfg: RunConfig, steps: int = 3) -> MeasuredMemory:
 
 def saved_activation_bytes(cfg: RunConfig, dtype: torch.dtype) -> int:
     """Bytes autograd saves for backward in one BLOOM block for one micro-batch (TP = 1)."""
-    from megatron_bloom.models.bloom.pipeline import TransformerBlockPipe
+    from megatron_bloom.models.spec import get_model_spec
 
-    block = TransformerBlockPipe(cfg.model, 0).to(dtype)
+    block = get_model_spec().build_block(cfg.model, 0).to(dtype)
     block.recompute = False
     x = torch.randn(cfg.training.micro_batch_size, cfg.model.seq_length, cfg.model.hidden_size,
                     dtype=dtype, requires_grad=True)

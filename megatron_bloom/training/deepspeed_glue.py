@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from megatron_bloom.config.schema import RunConfig
 from megatron_bloom.layers.duplicated import is_tp_duplicated
-from megatron_bloom.models.bloom.init import seed_layer
+from megatron_bloom.models.seeding import seed_layer
 
 LossFn = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 

@@ -22,7 +22,7 @@ from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState
 from megatron_bloom.layers import RNGStatesTracker, seed_dropout_streams
 from megatron_bloom.layers.duplicated import sync_tp_duplicated_parameters_
-from megatron_bloom.models.bloom.pipeline import bloom_layer_specs
+from megatron_bloom.models.spec import get_model_spec
 from megatron_bloom.training.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps
 from megatron_bloom.training.deepspeed_glue import (
     BloomSequential,
@@ -96,7 +96,7 @@ class BloomEngine:
         # Attention dropout's stream; seeded below, once building has stopped reseeding per layer.
         self.tracker = RNGStatesTracker(state.device)
         vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
-        specs = bloom_layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
+        specs = get_model_spec().layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
         loss_fn = loss_class(state.tp_group if tp > 1 else None, vocab_start)
         # DeepSpeed's pipeline engine (even with one stage) whenever ZeRO allows it: its checkpoints
         # have Megatron-DeepSpeed's BLOOM layout (layer_XX-model_YY-model_states.pt), so every

@@ -19,7 +19,7 @@ import torch
 
 from megatron_bloom.layers import vocab_parallel_cross_entropy
 from megatron_bloom.layers.mappings import Group
-from megatron_bloom.models.bloom.parallelize import parallel_lm_loss
+from megatron_bloom.models.loss import parallel_lm_loss
 
 
 class PretrainingLoss:

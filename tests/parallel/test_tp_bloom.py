@@ -12,7 +12,8 @@ import torch.distributed as dist
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers import model_parallel_tracker
 from megatron_bloom.models.bloom import BloomForCausalLM, causal_lm_loss
-from megatron_bloom.models.bloom.parallelize import parallel_lm_loss, parallelize_bloom, vocab_start_index
+from megatron_bloom.models.bloom.parallelize import parallelize_bloom, vocab_start_index
+from megatron_bloom.models.loss import parallel_lm_loss
 from megatron_bloom.testing import run_distributed
 
 pytestmark = pytest.mark.distributed

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import torch
-
-from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.models.bloom.config import ModelConfig
 
 _BLOOM_COMMON: Dict[str, Any] = dict(
     vocab_size=250880,
@@ -44,6 +42,8 @@ def named_model_config(name: str, **overrides: Any) -> ModelConfig:
 
 def count_parameters(cfg: ModelConfig, padded_vocab_size: int | None = None) -> int:
     """Number of parameters (the tied embedding counted once), built on the meta device."""
+    import torch
+
     from megatron_bloom.models.bloom.model import BloomForCausalLM
 
     with torch.device("meta"):

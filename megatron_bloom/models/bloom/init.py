@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.models.bloom.config import ModelConfig
 
 
 @torch.no_grad()
@@ -42,16 +42,3 @@ def init_block_(block: nn.Module, cfg: ModelConfig) -> None:
         nn.init.zeros_(linear.bias)
     init_layernorm_(block.input_layernorm)
     init_layernorm_(block.post_attention_layernorm)
-
-
-def seed_layer(seed: int) -> None:
-    """Seed python, numpy and torch before building one layer (what DeepSpeed's ``seed_layers``
-    does with ``base_seed + layer index``); ``int`` because DeepSpeed passes numpy integers."""
-    import random
-
-    import numpy as np
-
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers.random import dropout_rng, recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import AlibiMask, alibi_slopes, make_alibi_mask
-from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_, seed_layer
+from megatron_bloom.models.bloom.config import ModelConfig
+from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
+from megatron_bloom.models.seeding import seed_layer
 
 KVCache = List[Tuple[Tensor, Tensor]]
 """Per layer (key, value), each ``[b, np, sk, hn]``."""
@@ -332,10 +333,15 @@ class BloomForCausalLM(nn.Module):
                 seed_layer(seed + 2 + i)
             init_block_(block, cfg)
         init_layernorm_(t.ln_f)
+        # Non-persistent buffers are not in checkpoints; re-derive them too, so that
+        # init_weights after to_empty() (meta-device construction) gives a usable model.
+        self.reset_derived_buffers()
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute the buffers derived from the configuration (ALiBi slopes), e.g. after
+        ``to_empty`` from the meta device and loading a state dict."""
         for module in self.modules():
             if isinstance(module, BloomAttention):
-                # Non-persistent buffers are not in checkpoints; re-derive them too, so that
-                # init_weights after to_empty() (meta-device construction) gives a usable model.
                 module.reset_alibi_slopes()
 
     def head(self, hidden_states: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """Turn a single-device BLOOM into its Megatron tensor-parallel form, by module replacement.
 
-Each TP rank builds (or loads) the same full model, then keeps its shard:
+Each TP rank builds (or loads) the same full model, then keeps its shard. Which module becomes
+which is read from the sharding table (``sharding.py``):
 
     word_embeddings      -> VocabParallelEmbedding   rows   [r*V/tp, (r+1)*V/tp)
     query_key_value      -> ColumnParallelLinear     heads  [r*n/tp, (r+1)*n/tp)  (rows are per head)
@@ -30,10 +31,12 @@ from megatron_bloom.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_parallel_region,
-    vocab_parallel_cross_entropy,
 )
 from megatron_bloom.layers.mappings import Group, group_rank, group_size
+from megatron_bloom.models.bloom import sharding
 from megatron_bloom.models.bloom.model import BloomForCausalLM, TiedLMHead
+
+_PARALLEL_LINEAR = {sharding.COLUMN: ColumnParallelLinear, sharding.ROW: RowParallelLinear}
 
 
 class ParallelLMHead(TiedLMHead):
@@ -89,32 +92,13 @@ def shard_block_(block: nn.Module, cfg, tp_group: Group, tracker: Optional[RNGSt
     if tp == 1:
         return
     heads_per_rank = cfg.num_attention_heads // tp
-    attn, mlp = block.self_attention, block.mlp
-    attn.query_key_value = ColumnParallelLinear(attn.query_key_value, tp_group)
-    attn.dense = RowParallelLinear(attn.dense, tp_group)
-    attn.set_head_range(rank * heads_per_rank, heads_per_rank)
-    mlp.dense_h_to_4h = ColumnParallelLinear(mlp.dense_h_to_4h, tp_group)
-    mlp.dense_4h_to_h = RowParallelLinear(mlp.dense_4h_to_h, tp_group)
+    for kind, parallel_linear in _PARALLEL_LINEAR.items():
+        for path in sharding.block_linears(kind):
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path)
+            setattr(parent, name, parallel_linear(getattr(parent, name), tp_group))
+    block.self_attention.set_head_range(rank * heads_per_rank, heads_per_rank)
 
 
 def vocab_start_index(model: nn.Module) -> int:
     return getattr(model.lm_head, "vocab_start_index", 0)
-
-
-def parallel_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    loss_mask: Optional[torch.Tensor] = None,
-    vocab_start: int = 0,
-    tp_group: Group = None,
-) -> torch.Tensor:
-    """Token-mean cross entropy over (possibly vocab-split) logits ``[b, s, v/tp]``; labels shifted.
-
-    Equal to ``causal_lm_loss`` on the gathered logits. ``loss_mask`` ``[b, s]`` weights tokens.
-    """
-    losses = vocab_parallel_cross_entropy(logits, labels, vocab_start, tp_group)  # [b, s] fp32
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
-

@@ -26,11 +26,11 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.layers.random import recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import make_alibi_mask
+from megatron_bloom.models.bloom.config import ModelConfig
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
 from megatron_bloom.models.bloom.model import BloomBlock, TiedLMHead
 from megatron_bloom.models.bloom.parallelize import ParallelLMHead, shard_block_
