@@ -1,11 +1,20 @@
-"""Text generation with our single-device BLOOM and its KV cache.
+"""Loading a checkpoint for inference, and the one decoding loop (generation and evaluation).
 
 A model comes from a native checkpoint (any TP/PP: ``read_native_checkpoint`` merges it into one
-process) or from a transformers folder (recognised by its ``config.json``). Decoding is
+process) or from a transformers folder (recognised by its ``config.json``); ``load_model`` also
+loads its tokenizer (``data.tokenizer.load_tokenizer``) and resolves the special ids. Decoding is
 incremental: the prompt runs once with ``use_cache=True``, then one token per step with the cache.
 Prompts of different lengths are batched with LEFT padding and an attention mask (positions
 come from ``cumsum(mask) - 1``, so padding does not shift ALiBi). Each sequence stops at EOS
-(which is kept in its output) or after ``max_new_tokens``.
+(which is kept in its output), when the caller's ``is_done`` says so, or after ``max_new_tokens``.
+
+Special tokens, the same for ``launch/generate.py``, the demo and every evaluation:
+
+* each of BOS, EOS and PAD is the tokenizer's id, else the one the checkpoint records
+  (a transformers ``config.json``, or a conversion's record); PAD falls back to EOS, then 0;
+* the prefix (what conditions a document's or an empty prompt's first token) is BOS, falling
+  back to EOS (``prefix="eos"`` asks for EOS/EOD first, falling back to BOS);
+* decoding stops at EOS.
 
 Padded vocabulary rows (added for TP divisibility) are never sampled: the LM head already gives
 them ``finfo.min``, and the sampler sets every logit at or beyond ``vocab_size`` to -inf as well.
@@ -15,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,26 +34,67 @@ from megatron_bloom.config.schema import ModelConfig
 
 
 @dataclass
+class SpecialTokens:
+    """BOS/EOS/PAD ids in the order the module docstring gives."""
+
+    bos: Optional[int]
+    eos: Optional[int]
+    pad: int
+
+    @classmethod
+    def resolve(cls, tokenizer: Any, recorded: Dict[str, Optional[int]]) -> "SpecialTokens":
+        """The tokenizer's ids first (what the text was made with, and what lm-eval's ``hf`` model
+        uses), the checkpoint's recorded ids where the tokenizer has none."""
+        def pick(tokenizer_id: Optional[int], role: str) -> Optional[int]:
+            return tokenizer_id if tokenizer_id is not None else recorded.get(role)
+
+        bos = pick(getattr(tokenizer, "bos_token_id", None), "bos")
+        eos = pick(getattr(tokenizer, "eos_token_id", None), "eos")
+        pad = next(t for t in (pick(getattr(tokenizer, "pad_token_id", None), "pad"), eos, 0) if t is not None)
+        return cls(bos, eos, pad)
+
+    def prefix(self, which: str = "bos") -> int:
+        """Id conditioning a document's first token: BOS (EOS when there is none) or EOS (EOD)."""
+        ids = (self.bos, self.eos) if which == "bos" else (self.eos, self.bos)
+        for i in ids:
+            if i is not None:
+                return i
+        raise UserError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+
+
+@dataclass
 class LoadedModel:
     model: torch.nn.Module
     """``BloomForCausalLM`` in eval mode."""
     config: ModelConfig
     tokenizer_dir: Optional[str]
-    """Folder with the checkpoint's own tokenizer files, if it has them."""
+    """The tokenizer folder: the one asked for, else the checkpoint's own files, if it has them."""
     special_tokens: Dict[str, Optional[int]] = field(default_factory=dict)
-    """bos/eos/pad ids from the checkpoint (transformers config.json or a conversion record)."""
+    """bos/eos/pad ids the checkpoint records (transformers config.json or a conversion record)."""
+    tokenizer: Any = None
+    """``data.tokenizer.Tokenizer`` when loaded with ``with_tokenizer``."""
+    ids: Optional[SpecialTokens] = None
+    """Resolved special ids (see the module docstring) when loaded with ``with_tokenizer``."""
 
 
-def load_model(path: str, dtype=None, attention_impl: Optional[str] = None) -> LoadedModel:
-    """Load a native checkpoint or a transformers folder into one process."""
-    from megatron_bloom.checkpoint.hf import has_tokenizer_files
-    from megatron_bloom.checkpoint.native import (
-        TOKENIZER_DIR,
-        checkpoint_special_tokens,
-        model_from_state_dict,
-        read_native_checkpoint,
-    )
+def load_model(
+    path: str,
+    dtype=None,
+    attention_impl: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    with_tokenizer: bool = False,
+) -> LoadedModel:
+    """Load a native checkpoint or a transformers folder into one process.
 
+    With ``with_tokenizer`` (implied by ``tokenizer``) the tokenizer is loaded too: the
+    ``tokenizer`` folder, else the checkpoint's own files (a transformers folder's, a native
+    checkpoint's ``tokenizer/``); a given folder is checked before any weight is read.
+    """
+    from megatron_bloom.checkpoint.files import TOKENIZER_DIR, has_tokenizer_files, tokenizer_files
+    from megatron_bloom.checkpoint.native import checkpoint_special_tokens, model_from_state_dict, read_native_checkpoint
+
+    if tokenizer:
+        tokenizer_files(tokenizer)  # a wrong --tokenizer fails before the model is read
     if not os.path.isdir(path):
         raise UserError(f"--load {path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -60,20 +110,16 @@ def load_model(path: str, dtype=None, attention_impl: Optional[str] = None) -> L
         candidate = os.path.join(path, TOKENIZER_DIR)
         tokenizer_dir = candidate if os.path.isdir(candidate) and has_tokenizer_files(candidate) else None
     model = model_from_state_dict(cfg, sd, dtype, attention_impl)
-    return LoadedModel(model, cfg, tokenizer_dir, special)
+    loaded = LoadedModel(model, cfg, tokenizer or tokenizer_dir, special)
+    if tokenizer or with_tokenizer:
+        if loaded.tokenizer_dir is None:
+            raise UserError(f"{path} has no tokenizer files; pass the tokenizer folder "
+                            f"(--tokenizer DIR, or tokenizer=DIR in lm-eval's model_args)")
+        from megatron_bloom.data.tokenizer import load_tokenizer
 
-
-def load_tokenizer(folder: str):
-    """transformers AutoTokenizer from a local folder (never the hub)."""
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(folder):
-        raise UserError(f"tokenizer folder {folder} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot load a tokenizer from {folder} ({type(exc).__name__}: {first})") from None
+        loaded.tokenizer = load_tokenizer(loaded.tokenizer_dir)
+        loaded.ids = SpecialTokens.resolve(loaded.tokenizer, special)
+    return loaded
 
 
 @torch.no_grad()
@@ -115,11 +161,8 @@ def generate(
     eos_token_id: Optional[int] = None,
     pad_token_id: int = 0,
 ) -> List[List[int]]:
-    """New token ids for each prompt (EOS included when reached), decoding with the KV cache.
-
-    ``temperature <= 0`` is greedy. Prompts of different lengths are left-padded with
-    ``pad_token_id`` and masked.
-    """
+    """New token ids for each prompt (EOS included when reached): ``decode`` after checking the
+    prompts and ``top_p``. ``temperature <= 0`` is greedy; ``seed`` fixes a sample."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     if not 0.0 < top_p <= 1.0:
@@ -132,30 +175,57 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    b, longest = len(prompts), max(len(p) for p in prompts)
+    return decode(model, prompts, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator)
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: Optional[int],
+    pad_token_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    is_done: Optional[Callable[[int, List[int]], bool]] = None,
+) -> List[List[int]]:
+    """New tokens per prompt: at most ``max_new_tokens``, ending at EOS (kept) or when
+    ``is_done(row, new_tokens)`` is true (lm-eval's ``until`` strings); the batch stops when every
+    row has. Prompts are left-padded with ``pad_token_id`` and masked; the batch runs on the
+    model's device. Greedy when ``temperature <= 0``."""
+    device = next(model.parameters()).device
+    b = len(prompts)
+    outputs: List[List[int]] = [[] for _ in range(b)]
+    if b == 0 or max_new_tokens <= 0:
+        return outputs
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
     input_ids = torch.full((b, longest), pad_token_id, dtype=torch.long)  # [b, s]
     mask = torch.zeros(b, longest, dtype=torch.long)  # [b, s]
     for i, p in enumerate(prompts):
         input_ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
         mask[i, longest - len(p):] = 1
-    use_mask = bool((mask == 0).any())  # without padding, the mask-free causal path is the same
-
-    outputs: List[List[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    use_mask = bool((mask == 0).any())  # without padding the mask-free causal path is the same
+    vocab_size = model.config.vocab_size
+    done = [False] * b
     logits, cache = model(input_ids, attention_mask=mask if use_mask else None, use_cache=True)  # [b, s, v]
     for step in range(max_new_tokens):
         tokens = _next_tokens(logits[:, -1], vocab_size, temperature, top_p, generator)  # [b]
-        tokens = torch.where(done, torch.full_like(tokens, pad_token_id), tokens)
         for i in range(b):
-            if not done[i]:
-                outputs[i].append(int(tokens[i]))
-        if eos_token_id is not None:
-            done |= tokens == eos_token_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+            if done[i]:
+                continue
+            token = int(tokens[i])
+            outputs[i].append(token)
+            done[i] = (eos_token_id is not None and token == eos_token_id) or (
+                is_done is not None and is_done(i, outputs[i]))
+        if all(done) or step == max_new_tokens - 1:
             break
+        feed = torch.tensor([pad_token_id if d else int(t) for d, t in zip(done, tokens)], device=device)  # [b]
         if use_mask:
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)  # [b, past + 1]
-        logits, cache = model(
-            tokens[:, None], attention_mask=mask if use_mask else None, past_key_values=cache, use_cache=True
-        )  # [b, 1, v]
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], dim=1)  # [b, past + 1]
+        logits, cache = model(feed[:, None], attention_mask=mask if use_mask else None,
+                              past_key_values=cache, use_cache=True)  # [b, 1, v]
     return outputs

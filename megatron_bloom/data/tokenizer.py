@@ -10,6 +10,10 @@ Folders with a `tokenizer.json` are read with the `tokenizers` library alone: im
 costs ~2.5 s (it pulls in torch) in every preprocessing worker, and the Rust tokenizer is what does
 the work anyway. A name that is neither a local path nor reachable on the Hub fails at once with
 `TokenizerLoadError` instead of waiting on network retries.
+
+The same loader serves generation and evaluation: `Tokenizer` also answers the part of
+transformers' tokenizer interface they use (`tok(texts)["input_ids"]`, `encode`, `decode`,
+`bos_token_id`/`eos_token_id`/`pad_token_id`, `model_max_length`, `len`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from urllib.parse import urlparse
 import numpy as np
 import tokenizers
 
+from megatron_bloom.errors import UserError
+
 # Hub repo ids: "name" or "org/name", letters, digits, '-', '_', '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -29,7 +35,7 @@ _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(UserError, ValueError):
     """The tokenizer could not be found or read; the message names the path and the fix."""
 
 
@@ -60,9 +66,12 @@ class Tokenizer:
     ids never include special tokens added by a post-processor: the pipeline decides where EOD goes.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: dict[str, str], name_or_path: str):
+    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: dict[str, str], name_or_path: str,
+                 model_max_length: int | None = None):
         self.backend = backend
         self.name_or_path = name_or_path
+        self.model_max_length = model_max_length
+        """tokenizer_config.json's `model_max_length` (None when not set)."""
         self.special_tokens = dict(special_tokens)
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eod_id = self._token_id("eos_token")
@@ -79,8 +88,30 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+    # transformers' names of the special ids. pad_token_id is the configured pad token only (None
+    # without one), so callers choose their own fallback; pad_id above falls back to EOD.
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eod_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._token_id("pad_token")
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+        """`{"input_ids": ids}` for one text or a list, as a transformers tokenizer returns it."""
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text, add_special_tokens)}
+        encoded = self.backend.encode_batch_fast(list(text), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encoded]}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # encode_batch_fast skips character offsets, which the pipeline never uses.
@@ -104,6 +135,8 @@ class Tokenizer:
         return flat, lengths
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of one id or a sequence of ids."""
+        ids = [ids] if isinstance(ids, int) else ids
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def to_str(self) -> str:
@@ -111,8 +144,9 @@ class Tokenizer:
         return self.backend.to_str()
 
     @classmethod
-    def from_str(cls, serialized: str, special_tokens: dict[str, str], name_or_path: str) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_str(serialized), special_tokens, name_or_path)
+    def from_str(cls, serialized: str, special_tokens: dict[str, str], name_or_path: str,
+                 model_max_length: int | None = None) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(serialized), special_tokens, name_or_path, model_max_length)
 
 
 def _one_line(e: Exception) -> str:
@@ -127,8 +161,10 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_special_tokens(folder: str) -> dict[str, str]:
+def _read_configs(folder: str) -> tuple[dict[str, str], int | None]:
+    """(special tokens, model_max_length) named by the folder's tokenizer configs."""
     found: dict[str, str] = {}
+    max_length = None
     for name in reversed(_CONFIG_FILES):  # tokenizer_config.json wins over special_tokens_map.json
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
@@ -142,7 +178,9 @@ def _read_special_tokens(folder: str) -> dict[str, str]:
             token = _token_content(config.get(role))
             if token is not None:
                 found[role] = token
-    return found
+        if isinstance(config.get("model_max_length"), int):
+            max_length = config["model_max_length"]
+    return found, max_length
 
 
 def _special_tokens_for(backend: tokenizers.Tokenizer, configured: dict[str, str]) -> dict[str, str]:
@@ -161,8 +199,8 @@ def _from_tokenizer_json(json_path: str, folder: str | None, name_or_path: str) 
         backend = tokenizers.Tokenizer.from_file(json_path)
     except Exception as e:  # the Rust side raises a bare Exception on malformed files
         raise TokenizerLoadError(f"{json_path}: not a valid tokenizer.json ({_one_line(e)}); re-create it with data_tools/train_tokenizer.py") from None
-    configured = _read_special_tokens(folder) if folder else {}
-    return Tokenizer(backend, _special_tokens_for(backend, configured), name_or_path)
+    configured, max_length = _read_configs(folder) if folder else ({}, None)
+    return Tokenizer(backend, _special_tokens_for(backend, configured), name_or_path, max_length)
 
 
 def _from_transformers(name_or_path: str, **kwargs) -> Tokenizer:
@@ -177,7 +215,9 @@ def _from_transformers(name_or_path: str, **kwargs) -> Tokenizer:
     if backend is None:
         raise TokenizerLoadError(f"{name_or_path}: only a slow (Python) tokenizer is available; save a fast one with tokenizer.json")
     configured = {role: tok for role in DEFAULT_SPECIAL_TOKENS if isinstance(tok := getattr(hf, role, None), str)}
-    return Tokenizer(backend, _special_tokens_for(backend, configured), name_or_path)
+    max_length = getattr(hf, "model_max_length", None)
+    return Tokenizer(backend, _special_tokens_for(backend, configured), name_or_path,
+                     max_length if isinstance(max_length, int) else None)
 
 
 def _from_hub(name: str) -> Tokenizer:

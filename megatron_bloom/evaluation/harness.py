@@ -36,8 +36,8 @@ from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from megatron_bloom.errors import UserError
-from megatron_bloom.evaluation.decoding import decode_until
 from megatron_bloom.evaluation.loading import load_for_eval
+from megatron_bloom.generation import decode
 from megatron_bloom.evaluation.scoring import score_requests, sliding_windows
 
 eval_logger = logging.getLogger(__name__)
@@ -144,10 +144,11 @@ class MegatronBloomLM(TemplateLM):
                    left_truncate_len: Optional[int] = None, **kwargs) -> List[int]:
         """The tokenizer's ``encode``, with special tokens as the ``hf`` model adds them."""
         flag = add_special_tokens if add_special_tokens is not None else self.add_bos_token
-        special = {} if flag is None else {"add_special_tokens": flag}
+        if flag is None:
+            flag = True  # transformers' default: the tokenizer's post-processor decides
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special = {"add_special_tokens": False}  # the text already starts with BOS
-        ids = self.tokenizer.encode(string, **special)
+            flag = False  # the text already starts with BOS
+        ids = self.tokenizer.encode(string, add_special_tokens=flag)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens: List[int], skip_special_tokens: bool = True) -> str:
@@ -206,8 +207,8 @@ class MegatronBloomLM(TemplateLM):
                 text = self.tok_decode(new, skip_special_tokens=False)
                 return any(s and s in text for s in until)
 
-            new_tokens = decode_until(self.em.model, prompts, max_gen_toks, stopped, self.em.eos_id, self.em.pad_id,
-                                      self.device, temperature, float(kwargs.get("top_p", 1.0)), generator)
+            new_tokens = decode(self.em.model, prompts, max_gen_toks, self.em.eos_id, self.em.pad_id,
+                                temperature, float(kwargs.get("top_p", 1.0)), generator, is_done=stopped)
             for context, gen_kwargs, new in zip(contexts, all_kwargs, new_tokens):
                 text = postprocess_generated_text(self.tok_decode(new), until, None)
                 results.append(text)

@@ -1,8 +1,9 @@
 """A checkpoint (native at any TP/PP, or a transformers folder) and its tokenizer, ready to score.
 
 Loading is ``megatron_bloom.generation.load_model`` (native checkpoints are merged to one
-process); this module adds what evaluation needs on top: the tokenizer, the special ids, a
-default window length and the checkpoint's iteration (the TensorBoard step of its results).
+process), with the tokenizer and the special ids resolved there; this module adds what evaluation
+needs on top: the model's device, a default window length and the checkpoint's iteration (the
+TensorBoard step of its results).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_bloom.errors import UserError
+from megatron_bloom.generation import SpecialTokens, load_model
 
 _NO_LIMIT = 10**9
 """A tokenizer's ``model_max_length`` at or above this means 'not set' (transformers uses 1e30)."""
@@ -24,7 +26,7 @@ class EvalModel:
     model: torch.nn.Module
     """``BloomForCausalLM`` in eval mode on ``device``."""
     tokenizer: Any
-    """transformers tokenizer."""
+    """``megatron_bloom.data.tokenizer.Tokenizer``."""
     bos_id: Optional[int]
     eos_id: Optional[int]
     pad_id: int
@@ -39,12 +41,8 @@ class EvalModel:
         return self.model.config.vocab_size
 
     def prefix_id(self, which: str = "bos") -> int:
-        """Id conditioning a document's first token: BOS (EOS when there is none) or EOS (EOD)."""
-        ids = (self.bos_id, self.eos_id) if which == "bos" else (self.eos_id, self.bos_id)
-        for i in ids:
-            if i is not None:
-                return i
-        raise UserError("the tokenizer has neither a BOS nor an EOS token to condition the first token on")
+        """Id conditioning a document's first token (``generation.SpecialTokens.prefix``)."""
+        return SpecialTokens(self.bos_id, self.eos_id, self.pad_id).prefix(which)
 
     def default_max_length(self) -> int:
         """The tokenizer's ``model_max_length`` when it sets one (as lm-eval's ``hf`` model
@@ -91,34 +89,21 @@ def load_for_eval(
 
     Every failure is a ``UserError`` naming the path: a checkpoint that does not load is bad input.
     """
-    from megatron_bloom.checkpoint.hf import tokenizer_files
-    from megatron_bloom.generation import load_model, load_tokenizer
-
-    if tokenizer:
-        tokenizer_files(tokenizer)  # a wrong --tokenizer fails before the model is read
     try:
-        loaded = load_model(load, dtype=dtype, attention_impl=attention_impl)
+        loaded = load_model(load, dtype=dtype, attention_impl=attention_impl, tokenizer=tokenizer, with_tokenizer=True)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch/safetensors/json raise many kinds on a bad file
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot load a model from {load} ({type(exc).__name__}: {first})") from None
-    tok_dir = tokenizer or loaded.tokenizer_dir
-    if tok_dir is None:
-        raise UserError(f"{load} has no tokenizer files; pass the tokenizer folder (--tokenizer / tokenizer=DIR)")
-    tok = load_tokenizer(tok_dir)
+    tok, ids = loaded.tokenizer, loaded.ids
     vocab = loaded.config.vocab_size
     if len(tok) > vocab:
-        raise UserError(f"the tokenizer in {tok_dir} has {len(tok)} tokens but the model only {vocab} rows")
-    special = loaded.special_tokens
-    # The tokenizer's ids first: that is what lm-eval's hf model uses, and what text was made with.
-    bos = tok.bos_token_id if tok.bos_token_id is not None else special.get("bos")
-    eos = tok.eos_token_id if tok.eos_token_id is not None else special.get("eos")
-    pad = next(t for t in (tok.pad_token_id, special.get("pad"), eos, 0) if t is not None)
+        raise UserError(f"the tokenizer in {loaded.tokenizer_dir} has {len(tok)} tokens but the model only {vocab} rows")
     dev = torch.device(device or "cpu")
     try:
         model = loaded.model.to(dev)
     except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without it
         raise UserError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0][:200]})") from None
-    return EvalModel(model=model.eval(), tokenizer=tok, bos_id=bos, eos_id=eos, pad_id=pad,
+    return EvalModel(model=model.eval(), tokenizer=tok, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
                      seq_length=_seq_length(load, loaded.config.seq_length), iteration=_iteration(load), device=dev)
