@@ -214,12 +214,10 @@ def heldout_accuracy(checkpoint: str, tokenizer_dir: str, rows: List[dict]) -> T
     """Greedy exact match over ``rows`` in this process (batched, KV cache), overall and per task."""
     import torch
 
-    from megatron_bloom.generation import generate, load_model, load_tokenizer
+    from megatron_bloom.generation import generate, load_model
 
-    loaded, tok = load_model(checkpoint), load_tokenizer(tokenizer_dir)
-    eos = loaded.special_tokens.get("eos")
-    eos = tok.eos_token_id if eos is None else eos
-    pad = next(t for t in (tok.pad_token_id, loaded.special_tokens.get("pad"), eos, 0) if t is not None)
+    loaded = load_model(checkpoint, tokenizer=tokenizer_dir)
+    tok, eos, pad = loaded.tokenizer, loaded.ids.eos, loaded.ids.pad
     hits: Dict[str, List[bool]] = {}
     with torch.no_grad():
         for start in range(0, len(rows), 32):

@@ -55,31 +55,19 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_bloom.distributed.init import flush_denormals
-    from megatron_bloom.generation import load_model, load_tokenizer
+    from megatron_bloom.generation import load_model
 
     flush_denormals()  # before the model's first parallel op: ALiBi scores underflow (see init.py)
 
-    loaded = load_model(args.load, dtype=args.dtype, attention_impl=args.attention_impl)
-    tok_dir = args.tokenizer or loaded.tokenizer_dir
-    if tok_dir is None:
-        raise UserError(f"{args.load} has no tokenizer files; pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tok_dir)
-    special = loaded.special_tokens
-    eos = special.get("eos") if special.get("eos") is not None else tokenizer.eos_token_id
-    bos = special.get("bos") if special.get("bos") is not None else tokenizer.bos_token_id
-    pad = next((t for t in (tokenizer.pad_token_id, special.get("pad"), eos, 0) if t is not None))
-
-    prompt_ids = []
-    for text in args.prompt:
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not ids:
-            if bos is None:
-                raise UserError(f"prompt {text!r} has no tokens and the tokenizer no BOS token")
-            ids = [bos]  # an empty context is conditioned on BOS alone
-        prompt_ids.append(ids)
+    # Tokenizer and special ids as generation.py's docstring orders them.
+    loaded = load_model(args.load, dtype=args.dtype, attention_impl=args.attention_impl, tokenizer=args.tokenizer,
+                        with_tokenizer=True)
+    tokenizer, special = loaded.tokenizer, loaded.ids
+    # An empty prompt is conditioned on the prefix token alone.
+    prompt_ids = [tokenizer.encode(text) or [special.prefix()] for text in args.prompt]
 
     with torch.no_grad():
-        return _print_generations(args, loaded, tokenizer, prompt_ids, eos, pad)
+        return _print_generations(args, loaded, tokenizer, prompt_ids, special.eos, special.pad)
 
 
 def _print_generations(args, loaded, tokenizer, prompt_ids, eos, pad) -> int:
