@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.files import LAYER_FILE_RE, STATE_FILE
+from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, STATE_FILE
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.errors import UserError
 
@@ -51,7 +51,7 @@ def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[st
     if not run_dir:
         raise UserError("--pretrained needs --save (or --load): the converted weights are written there")
     target = os.path.join(run_dir, PRETRAINED_DIR)
-    if rank == 0 and not os.path.isfile(os.path.join(target, "latest")):
+    if rank == 0 and not os.path.isfile(os.path.join(target, LATEST)):
         tmp = f"{target}.tmp.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -62,7 +62,7 @@ def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[st
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"> converted --pretrained {source} to {target}", flush=True)
-    ok = torch.tensor([1.0 if os.path.isfile(os.path.join(target, "latest")) or rank != 0 else 0.0], device=device)
+    ok = torch.tensor([1.0 if os.path.isfile(os.path.join(target, LATEST)) or rank != 0 else 0.0], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if ok.item() < 1:
         raise UserError(f"converting --pretrained to {target} failed on rank 0")
