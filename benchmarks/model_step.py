@@ -22,20 +22,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import add_model_args, format_run_info, pyplot, run_info  # noqa: E402
-from megatron_bloom.errors import fail  # noqa: E402
-from megatron_bloom.config.schema import ModelConfig  # noqa: E402
-from megatron_bloom.distributed.init import flush_denormals  # noqa: E402
-from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss  # noqa: E402
-from megatron_bloom.training.engine import emulated_cpu_half_precision  # noqa: E402
-from megatron_bloom.training.flops import flops_per_iteration  # noqa: E402
+from benchmarks.common import add_model_args, format_run_info, pyplot, run_info
+from megatron_bloom.errors import fail
+from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.distributed.init import flush_denormals
+from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss
+from megatron_bloom.training.engine import emulated_cpu_half_precision
+from megatron_bloom.training.flops import flops_per_iteration
 
 
 def parse_args(argv=None):

@@ -40,16 +40,13 @@ import argparse
 import inspect
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
-from megatron_bloom.errors import run_main  # noqa: E402
+from megatron_bloom.errors import run_main
 
 DEFAULT_LAYOUTS = "1,1,1 2,1,1 1,2,1 1,1,2 2,2,1"
 ELEMENT_BYTES = 4  # fp32

@@ -24,12 +24,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
+from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import numpy as np  # noqa: E402
-
-from megatron_bloom.data.indexed_dataset import MMapIndexedDataset  # noqa: E402
 
 REFERENCE_MB_S = 5.2  # Megatron-DeepSpeed, 2 workers, same machine class
 

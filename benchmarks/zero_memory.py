@@ -31,14 +31,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 from typing import Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
-from megatron_bloom.errors import run_main  # noqa: E402
+from megatron_bloom.errors import run_main
 
 ZERO_KINDS = ("weights", "gradients", "optimizer_states")
 PAPER_BYTES = {"fp32": (4, 4, 8), "fp16": (2, 2, 12), "bf16": (2, 2, 12)}

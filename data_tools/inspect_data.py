@@ -6,16 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from megatron_bloom.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset
-from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer
+from data_tools import run_tool
+from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
+from megatron_bloom.data.tokenizer import load_tokenizer
+from megatron_bloom.errors import UserError
 
 
 def document_tokens(ds: MMapIndexedDataset, doc: int) -> np.ndarray:
@@ -35,7 +32,7 @@ def describe(ds: MMapIndexedDataset, prefix: str) -> str:
     )
 
 
-def main(argv=None) -> int:
+def inspect_command(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-prefix", required=True, help="dataset prefix, without .bin/.idx")
     parser.add_argument("--tokenizer-name-or-path", required=True)
@@ -44,17 +41,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ids", action="store_true", help="also print the token ids")
     args = parser.parse_args(argv)
     prefix = args.data_prefix[:-4] if args.data_prefix.endswith((".bin", ".idx")) else args.data_prefix
-    try:
-        ds = MMapIndexedDataset(prefix)
-        tokenizer = load_tokenizer(args.tokenizer_name_or_path)
-    except (IndexedDatasetError, TokenizerLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ds = MMapIndexedDataset(prefix)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path)
     n_docs = len(ds.doc_idx) - 1
     start = args.index + n_docs if args.index < 0 else args.index
     if not 0 <= start < n_docs:
-        print(f"error: --index {args.index} is out of range; {prefix} has {n_docs} documents", file=sys.stderr)
-        return 2
+        raise UserError(f"--index {args.index} is out of range; {prefix} has {n_docs} documents")
     print(describe(ds, prefix))
     for doc in range(start, min(start + args.count, n_docs)):
         ids = document_tokens(ds, doc)
@@ -65,5 +57,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/inspect_data.py`` and ``megatron-bloom-inspect-data``."""
+    run_tool(inspect_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -22,9 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, index_file_path  # noqa: E402
+from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, index_file_path
+from megatron_bloom.errors import UserError, run_main
 
 
 def alpha_weights(counts: Sequence[float], alpha: float = 0.3) -> np.ndarray:
@@ -83,7 +82,7 @@ def data_path_string(weights: Sequence[float], prefixes: Sequence[str]) -> str:
     return " ".join(f"{w:.6g} {p}" for w, p in zip(weights, prefixes))
 
 
-def main(argv=None) -> int:
+def language_weights_command(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="*", help="LANG COUNT pairs and/or index prefixes")
     p.add_argument("--file", help="read sources from this file too, one 'LANG COUNT' or PREFIX per line")
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
         sources = parse_sources(tokens)
         weights = alpha_weights([c for _, c, _ in sources], args.alpha)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     counts = np.array([c for _, c, _ in sources])
     shares = counts / counts.sum()
     table: Dict[str, List[str]] = {"language": [], "tokens": [], "share": [], "weight": [], "x vs share": []}
@@ -117,5 +115,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/language_weights.py`` and ``megatron-bloom-language-weights``."""
+    run_main(language_weights_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

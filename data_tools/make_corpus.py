@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from megatron_bloom.errors import run_main
+
 MB = 1_000_000  # sizes are SI megabytes throughout the data tools and benchmarks
 
 # Syllables per language; words are 1-4 of them. Kept short: variety comes from combinations.
@@ -100,7 +102,7 @@ def write_corpus(path: str, size_mb: float, seed: int = 0) -> int:
     return n_docs
 
 
-def main(argv=None) -> int:
+def make_corpus_command(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="jsonl file to write")
     parser.add_argument("--size-mb", type=float, default=10.0, help="minimum size in MB (10^6 bytes)")
@@ -111,5 +113,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/make_corpus.py`` and ``megatron-bloom-make-corpus``."""
+    run_main(make_corpus_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -27,6 +27,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_bloom.errors import UserError, run_main
+
 NUMBERS: Dict[str, List[str]] = {
     "en": "zero one two three four five six seven eight nine ten".split(),
     "fr": "zéro un deux trois quatre cinq six sept huit neuf dix".split(),
@@ -172,7 +174,7 @@ def read_tasks(folder: str) -> List[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def make_tasks_command(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="folder; writes train/<lang>/<task>.jsonl and heldout/<lang>/<task>.jsonl")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -186,9 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 0.0 < args.heldout_fraction < 1.0 or args.max_words < 1 or args.num_train < 1 or args.num_heldout < 0:
-        print("error: need 0 < --heldout-fraction < 1, --max-words >= 1, --num-train >= 1, --num-heldout >= 0",
-              file=sys.stderr)
-        return 2
+        raise UserError("need 0 < --heldout-fraction < 1, --max-words >= 1, --num-train >= 1, --num-heldout >= 0")
     train_items, held_items = {}, {}
     for task in args.tasks:
         train_items[task], held_items[task] = split_items(task, task_items(task, args.max_words),
@@ -205,5 +205,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/make_tasks.py`` and ``megatron-bloom-make-tasks``."""
+    run_main(make_tasks_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -13,9 +13,7 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from data_tools import run_tool
 from megatron_bloom.data.indexed_dataset import (
     IndexedDatasetError,
     MMapIndexedDataset,
@@ -24,7 +22,7 @@ from megatron_bloom.data.indexed_dataset import (
     index_file_path,
     token_stats_path,
 )
-from megatron_bloom.data.readers import InputError, make_output_dir
+from megatron_bloom.data.readers import make_output_dir
 
 
 def _prefix(path: str) -> str:
@@ -69,17 +67,13 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def merge_command(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="dataset prefixes (without .bin/.idx), merged in this order")
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        stats = merge(args.input, args.output_prefix)
-    except (IndexedDatasetError, InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = merge(args.input, args.output_prefix)
     print(
         f"done: merged {stats['shards']} shards, {stats['documents']:,} documents, {stats['tokens']:,} tokens "
         f"in {time.perf_counter() - start:.1f}s -> {args.output_prefix}.{{bin,idx}}",
@@ -88,5 +82,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/merge_datasets.py`` and ``megatron-bloom-merge-datasets``."""
+    run_tool(merge_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -24,14 +24,11 @@ import sys
 import time
 from collections import deque
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 from tqdm import tqdm
 
+from data_tools import run_tool
 from megatron_bloom.data.indexed_dataset import (
-    IndexedDatasetError,
     MMapIndexedDatasetBuilder,
     best_dtype,
     data_file_path,
@@ -40,6 +37,7 @@ from megatron_bloom.data.indexed_dataset import (
 )
 from megatron_bloom.data.readers import CorpusReader, InputError, check_records, make_output_dir, parse_jsonl, read_range
 from megatron_bloom.data.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
+from megatron_bloom.errors import EXIT_INTERRUPTED, UserError, fail
 
 # --------------------------------------------------------------------------------------------
 # Worker side. State is a module global so forked workers inherit it without pickling; spawned
@@ -278,25 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def preprocess_command(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1 or args.batch_size < 1 or args.chunk_mb <= 0:
-        print("error: --workers and --batch-size must be >= 1 and --chunk-mb > 0", file=sys.stderr)
-        return 2
+        raise UserError("--workers and --batch-size must be >= 1 and --chunk-mb > 0")
     try:
         stats = preprocess(args)
-    except (InputError, TokenizerLoadError, IndexedDatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; partial outputs removed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: preprocess has removed its .tmp files
+        fail("interrupted; partial outputs removed", EXIT_INTERRUPTED)
     print(summary_line(stats), file=sys.stderr)
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/preprocess_data.py`` and ``megatron-bloom-preprocess-data``."""
+    run_tool(preprocess_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -27,15 +27,14 @@ import sys
 import time
 from typing import Dict, Iterator, List, Tuple
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 
-from megatron_bloom.data.indexed_dataset import IndexedDatasetError, best_dtype
+from data_tools import run_tool
+from megatron_bloom.data.indexed_dataset import best_dtype
 from megatron_bloom.data.readers import InputError, _text_problem, make_output_dir
 from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer
 from megatron_bloom.data.xp3 import UNKNOWN, PairedDatasetWriter
+from megatron_bloom.errors import UserError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
@@ -238,22 +237,19 @@ def summary(stats: dict) -> str:
     return line
 
 
-def main(argv=None) -> int:
+def preprocess_command(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        stats = preprocess(args)
-    except (InputError, TokenizerLoadError, IndexedDatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        raise UserError("--batch-size must be >= 1")
+    stats = preprocess(args)
     print(summary(stats), file=sys.stderr)
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/preprocess_xp3.py`` and ``megatron-bloom-preprocess-xp3``."""
+    run_tool(preprocess_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

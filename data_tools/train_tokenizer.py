@@ -16,11 +16,9 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from data_tools import run_tool
 from megatron_bloom.data.readers import InputError, iter_texts
 from megatron_bloom.data.tokenizer import DEFAULT_SPECIAL_TOKENS
 
@@ -86,7 +84,7 @@ def save(tok: Tokenizer, output_dir: str, model_max_length: int = 2048) -> None:
         json.dump(special, f, indent=2, ensure_ascii=False)
 
 
-def main(argv=None) -> int:
+def train_command(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="jsonl, jsonl.gz, parquet files or save_to_disk folders")
     parser.add_argument("--vocab-size", type=int, required=True, help=f"total vocabulary incl. special tokens (>= {MIN_VOCAB})")
@@ -96,11 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model-max-length", type=int, default=2048)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        tok = train(args.input, args.vocab_size, args.json_key, args.sample_mb)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tok = train(args.input, args.vocab_size, args.json_key, args.sample_mb)
     save(tok, args.output_dir, args.model_max_length)
     print(
         f"trained {tok.get_vocab_size()}-token byte-level BPE in {time.perf_counter() - start:.1f}s -> {args.output_dir}",
@@ -109,5 +103,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> None:
+    """``python data_tools/train_tokenizer.py`` and ``megatron-bloom-train-tokenizer``."""
+    run_tool(train_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,16 +7,7 @@
 
 See ``megatron_bloom/evaluation/cli.py`` (``--help``) for every flag and the conventions.
 """
-from __future__ import annotations
-
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_bloom.cli import entry_point  # noqa: E402
-from megatron_bloom.evaluation.cli import main  # noqa: E402
+from megatron_bloom.evaluation.cli import console_main as main
 
 if __name__ == "__main__":
-    entry_point(main)()
+    main()

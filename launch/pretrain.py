@@ -8,7 +8,7 @@ Flags are Megatron-DeepSpeed's (``--help`` lists them); ``--config FILE`` suppli
 flags override. The configuration is checked against the launcher's world size before any process
 group exists, so an impossible layout fails here in a second.
 """
-from megatron_bloom.cli import entry_point, pretrain_command
+from megatron_bloom.cli import pretrain_main as main
 
 if __name__ == "__main__":
-    entry_point(pretrain_command)()
+    main()

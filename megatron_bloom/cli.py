@@ -54,6 +54,6 @@ def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
     return pretrain(cfg)
 
 
-def pretrain_main() -> None:
-    """Console-script alias of launch/pretrain.py."""
-    entry_point(pretrain_command)()
+def pretrain_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``launch/pretrain.py`` and ``megatron-bloom-pretrain``: one ``error:`` line and exit 2 on bad input."""
+    entry_point(pretrain_command)(argv)

@@ -46,9 +46,6 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from typing import List  # noqa: E402
 
-if __package__ in (None, ""):  # run as a script: make the repo's packages importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 EXIT_REQUEUE = 3
 """megatron_bloom.training.signals.EXIT_REQUEUE (not imported: that module starts torch.distributed)."""
 

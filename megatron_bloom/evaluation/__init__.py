@@ -2,7 +2,7 @@
 
 * ``scoring``: the batched log-likelihood scorer and the sliding windows (lm-eval's conventions);
 * ``perplexity`` / ``multiple_choice``: metrics of ``launch/evaluate.py`` (``cli``);
-* ``harness``: the lm-eval model ``megatron_bloom`` (imports lm_eval; ``launch/lm_eval.py`` runs it);
+* ``harness``: the lm-eval model ``megatron_bloom`` (imports lm_eval; ``launch/lm_eval_harness.py`` runs it);
 * ``loading``: a native checkpoint or transformers folder plus its tokenizer; ``data``: jsonl rows;
   ``report``: table and TensorBoard scalars.
 

@@ -17,18 +17,13 @@ import json
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from megatron_bloom.errors import UserError
+from megatron_bloom.errors import ArgumentParser, UserError
 from megatron_bloom.evaluation.multiple_choice import MC_METRICS
 from megatron_bloom.evaluation.perplexity import PPL_METRICS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="native checkpoint directory or transformers folder")
     p.add_argument("--data", required=True, help="jsonl (or jsonl.gz) file")
     p.add_argument("--task", choices=["ppl", "mc"], default="ppl", help="perplexity or multiple choice")
@@ -144,8 +139,8 @@ def _evaluate(args, rows, metrics) -> int:
     return 0
 
 
-def console_main() -> None:
-    """Console-script form of ``launch/evaluate.py`` (one-line errors, exit code 2)."""
+def console_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``launch/evaluate.py`` and ``megatron-bloom-evaluate``: one ``error:`` line and exit 2 on bad input."""
     from megatron_bloom.cli import entry_point
 
-    entry_point(main)()
+    entry_point(main)(argv)

@@ -1,6 +1,6 @@
 """The lm-evaluation-harness model ``megatron_bloom``: any of our checkpoints under lm-eval's tasks.
 
-    python launch/lm_eval.py --model megatron_bloom --model_args load=CKPT[,tokenizer=DIR][,batch_size=N] \
+    python launch/lm_eval_harness.py --model megatron_bloom --model_args load=CKPT[,tokenizer=DIR][,batch_size=N] \
         --tasks xcopa,flores --batch_size 8 --log_samples --output_path results/
 
 ``model_args``: ``load`` (native checkpoint at any TP/PP, or a transformers folder; required),
@@ -18,7 +18,7 @@ generation from left-padded batches grouped by generation kwargs, contexts cut t
 ``max_length - max_gen_toks`` tokens, EOS added to the stop strings, output cut at the first one.
 
 lm-eval 0.4.x does not find models registered outside its package from its plain ``lm_eval``
-command; ``launch/lm_eval.py`` (or ``cli_main`` here) imports this module first and then runs
+command; ``launch/lm_eval_harness.py`` (or ``cli_main`` here) imports this module first and then runs
 lm-eval's own CLI with the arguments unchanged.
 """
 from __future__ import annotations

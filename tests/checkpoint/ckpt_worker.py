@@ -1,16 +1,12 @@
 """Runs for the checkpoint tests: train, save, resume (same or another layout)."""
 import os
-import sys
 
 import torch.distributed as dist
+from engine_worker import micro_batches, tiny_config  # tests/engine, on pytest.ini's pythonpath
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
-
-from engine_worker import micro_batches, tiny_config  # noqa: E402
-
-from megatron_bloom.checkpoint import check_compatible, convert_to_universal, find_checkpoint, load_rng, save_checkpoint  # noqa: E402
-from megatron_bloom.config import config_to_dict, validate_config  # noqa: E402
-from megatron_bloom.distributed import init_distributed  # noqa: E402
+from megatron_bloom.checkpoint import check_compatible, convert_to_universal, find_checkpoint, load_rng, save_checkpoint
+from megatron_bloom.config import config_to_dict, validate_config
+from megatron_bloom.distributed import init_distributed
 
 
 def layout_of(cfg):

@@ -229,9 +229,13 @@ def test_alpha_weights_formula_and_cli_output_is_a_data_path(tmp_path, capsys):
     np.testing.assert_allclose(lw.alpha_weights(counts, 1.0), np.array(counts) / 1602)  # alpha=1: proportional
     assert w[2] > 2 / 1602  # alpha < 1 upsamples the small language
     en = _corpus(tmp_path, "en", 30, 40, base=0)  # 1200 tokens read from the .idx sizes
-    assert lw.main([en, "fr", "400", "yo", "2", "--prefix-template", "data/{lang}"]) == 0
+    with pytest.raises(SystemExit) as done:  # main is the command's entry point: it exits
+        lw.main([en, "fr", "400", "yo", "2", "--prefix-template", "data/{lang}"])
+    assert done.value.code == 0
     prefixes, weights = parse_data_path(capsys.readouterr().out.strip().splitlines()[-1])
     assert prefixes == [en, "data/fr", "data/yo"]
     np.testing.assert_allclose(weights, w, rtol=1e-5)  # printed with 6 significant digits
-    assert lw.main(["en", "12", "3"]) == 2
+    with pytest.raises(SystemExit) as done:
+        lw.main(["en", "12", "3"])
+    assert done.value.code == 2
     assert "follows no language name" in capsys.readouterr().err

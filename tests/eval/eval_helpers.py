@@ -27,7 +27,6 @@ CHECKPOINT_ITERATION = 7
 
 
 def _save_tokenizer(folder):
-    sys.path.insert(0, REPO_ROOT)
     from tokenizers import pre_tokenizers, trainers
 
     from data_tools.train_tokenizer import SPECIAL_TOKENS, build_tokenizer, save

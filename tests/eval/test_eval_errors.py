@@ -1,4 +1,4 @@
-"""Bad input to evaluate.py / lm_eval.py: one ``error: ...`` line naming the problem, exit code 2."""
+"""Bad input to evaluate.py / lm_eval_harness.py: one ``error: ...`` line naming the problem, exit code 2."""
 import glob
 import os
 import shutil
@@ -107,7 +107,7 @@ def test_lm_eval_wrapper_reports_a_bad_checkpoint_in_one_line(tmp_path):
         f"task: tiny_roll_err\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         'test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
         "metric_list:\n  - metric: byte_perplexity\n")
-    proc = run_launch("lm_eval.py", "--model", "megatron_bloom", "--model_args", f"load={tmp_path / 'nothing'}",
+    proc = run_launch("lm_eval_harness.py", "--model", "megatron_bloom", "--model_args", f"load={tmp_path / 'nothing'}",
                       "--tasks", "tiny_roll_err", "--include_path", tmp_path, "--device", "cpu")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -1,7 +1,7 @@
 """lm-eval's own ``hf`` model and our ``megatron_bloom`` give the same per-sample results
 (``--log_samples``) on local tasks: multiple_choice, loglikelihood_rolling and generate_until.
 
-Both run through ``launch/lm_eval.py`` (which also proves the wrapper leaves lm-eval's built-in
+Both run through ``launch/lm_eval_harness.py`` (which also proves the wrapper leaves lm-eval's built-in
 models in place), at the same small max_length so contexts are cut and documents need several
 rolling windows, with the same batch size, at the same time (one per core).
 """
@@ -93,7 +93,7 @@ def test_per_sample_results_equal_lm_eval_hf(tiny, tmp_path):
     runs = {"hf": ["--model", "hf", "--model_args", f"pretrained={tiny['hf']},max_length={MAX_LENGTH}"],
             "ours": ["--model", "megatron_bloom", "--model_args", f"load={tiny['hf']},max_length={MAX_LENGTH}"]}
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "launch", "lm_eval.py"), *args, *common,
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "launch", "lm_eval_harness.py"), *args, *common,
                                      "--output_path", str(tmp_path / name)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
              for name, args in runs.items()}

@@ -53,7 +53,7 @@ def test_bad_overlong_and_finetune_flags_in_pretraining():
         pretrain(parse_config(BASE + ["--pretrained", "x"]))
 
 
-@pytest.mark.parametrize("name, world", [("finetune-demo.yaml", 4), ("bloomz-7b1.yaml", 32)])
+@pytest.mark.parametrize("name, world", [("finetune-tp2-pp2.yaml", 4), ("bloomz-7b1.yaml", 32)])
 def test_shipped_configs_validate(repo_root, monkeypatch, name, world):
     import os
 

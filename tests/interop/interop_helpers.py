@@ -38,7 +38,6 @@ def tiny_hf_model(seed=0, vocab_size=250, hidden_size=48, n_head=6, n_layer=3, s
 def save_tokenizer(folder, vocab_size=300):
     """Byte-level BPE like BLOOM's (<unk> <s> </s> <pad> at ids 0-3) as a transformers folder;
     returns its real vocabulary size (a few sentences may give fewer merges than asked for)."""
-    sys.path.insert(0, REPO_ROOT)
     from tokenizers import pre_tokenizers, trainers
 
     from data_tools.train_tokenizer import SPECIAL_TOKENS, build_tokenizer, save

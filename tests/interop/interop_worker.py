@@ -1,14 +1,9 @@
 """Ranks for the interop tests: load a weights-only checkpoint into BloomEngine; train, save, evaluate."""
 import dataclasses
-import os
-import sys
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
-
-from engine_worker import SEQ, micro_batches, tiny_config  # noqa: E402
+from engine_worker import SEQ, micro_batches, tiny_config  # tests/engine, on pytest.ini's pythonpath
 
 EVAL_STEP = 100
 """Batches of this step index are never trained on: the fixed evaluation batch."""

@@ -1,11 +1,7 @@
 import importlib.util
 import os
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# reliability_job.py (this folder) and pretrain_run.py (tests/training) are imported by name.
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "training"))
 
 # The same session corpus as tests/training: a 1 MB corpus, its 1,000-token tokenizer and .bin/.idx.
 _spec = importlib.util.spec_from_file_location("training_conftest", os.path.join(os.path.dirname(HERE), "training",

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from pretrain_run import pretrain, scalars  # tests/training, on sys.path via this folder's conftest
+from pretrain_run import pretrain, scalars  # tests/training, on pytest.ini's pythonpath
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

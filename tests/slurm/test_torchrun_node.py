@@ -9,13 +9,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torchrun_node  # slurm/, on pytest.ini's pythonpath
 
 from megatron_bloom.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODE = os.path.join(REPO, "slurm", "torchrun_node.py")
-sys.path.insert(0, os.path.join(REPO, "slurm"))
-import torchrun_node  # noqa: E402
 
 ITERATION = re.compile(r"iteration\s+(\d+)/")
 

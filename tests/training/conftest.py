@@ -4,9 +4,6 @@ import sys
 
 import pytest
 
-# pretrain_run.py is imported by name.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

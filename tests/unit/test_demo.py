@@ -5,22 +5,16 @@ iterations, 600 pairs): too short to promise that finetuning helps, so it checks
 transformers export, the before/after table and the TensorBoard logs, not the accuracy gain. The
 full-size demo's gain (0% -> ~75% held-out exact match) is what `make demo` itself checks.
 """
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from megatron_bloom.commands import demo as demo_command
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "launch", "demo.py")
-
-
-def load_demo_module():
-    spec = importlib.util.spec_from_file_location("demo_under_test", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_demo(*args, timeout=420):
@@ -33,7 +27,7 @@ def test_progress_line_reads_the_trainers_console_format():
     from megatron_bloom.monitoring.console import format_training_line, format_validation_block
     from megatron_bloom.monitoring.metrics import IntervalSummary
 
-    demo = load_demo_module()
+    demo = demo_command
     interval = IntervalSummary(iterations=20, advanced_iterations=20, skipped_iterations=0, nan_iterations=0,
                                mean_loss=2.3456, seconds=3.04, samples=320, tokens=20480, flops=0.0)
     line = format_training_line(120, 400, 1920, 122880, 3e-3, 16, interval, 0.01, grad_norm=0.5)
@@ -47,7 +41,7 @@ def test_progress_line_reads_the_trainers_console_format():
 
 
 def test_a_failing_command_names_its_stage(capsys):
-    demo = load_demo_module()
+    demo = demo_command
     runner = demo.Demo(fail_stage=None)
     with pytest.raises(SystemExit) as exc:
         with runner.stage("pretrain", "pretrain"):
@@ -84,7 +78,7 @@ def test_short_demo_runs_every_stage_and_reports_an_injected_failure(tmp_path):
                  "--num-heldout", "30", "--no-check")
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     stdout = p.stdout
-    stages = load_demo_module().STAGES
+    stages = demo_command.STAGES
     for n in range(1, len(stages) + 1):
         assert f"=== [{n}/{len(stages)}] " in stdout
     # Progress bars from both training runs, ending at their last iteration.

@@ -1,7 +1,6 @@
 """The real `tensorboard` program serves what TrainingMonitor wrote (its HTTP API, as the browser reads it)."""
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import pytest
 
 from megatron_bloom.monitoring import TrainingMonitor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_monitoring import GBS, ITERS, SEQ, SKIPPED, STEP_TIME, VALIDATION, WORLD, make_cfg, run  # noqa: E402
+from test_monitoring import GBS, ITERS, SEQ, SKIPPED, STEP_TIME, VALIDATION, WORLD, make_cfg, run
 
 STARTUP_SECONDS = 60  # tensorboard's first import + first directory scan take a few seconds on 2 cores
 

@@ -1,0 +1,33 @@
+"""Finetune BLOOM on packed prompt/answer pairs (xP3 / BLOOMZ style) with TP x PP x DP.
+
+    torchrun --nproc-per-node 4 launch/finetune.py --config configs/finetune-tp2-pp2.yaml \
+        --pretrained PRETRAINED --data-path data/xp3 --save ckpt --load ckpt
+
+Takes the pretraining flags (``--help`` lists them) plus ``--pretrained`` (a native checkpoint at
+any layout, or a transformers BLOOM folder, converted once into ``<save>/pretrained``),
+``--norm-target-loss`` and ``--overlong truncate|skip``. Unless a flag or the YAML says otherwise:
+BLOOMZ's Adam betas 0.9/0.95, lr 2e-5 constant without warmup, weight decay 1e-4, clipping 1.0,
+and the architecture of ``--pretrained``. Data are paired datasets from
+data_tools/preprocess_xp3.py. Rerunning the same command resumes the finetune's own checkpoint
+from ``--load`` once it has one (``--pretrained`` is then ignored).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megatron_bloom.cli import entry_point
+
+
+def finetune_command(argv: Optional[Sequence[str]] = None) -> int:
+    """Check the configuration and inputs first, then (and only then) import the heavy parts."""
+    from megatron_bloom.data.preflight import check_training_inputs
+    from megatron_bloom.training.finetune import finetune, resolve_finetune_config
+
+    cfg, _ = resolve_finetune_config(argv)
+    check_training_inputs(cfg)  # data, tokenizer, checkpoints: seconds, before any process group
+    return finetune(cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``launch/finetune.py`` and ``megatron-bloom-finetune``: one ``error:`` line and exit 2 on bad input."""
+    entry_point(finetune_command)(argv)
