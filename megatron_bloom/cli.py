@@ -46,7 +46,7 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
 def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
     """launch/pretrain.py: check the configuration first, then (and only then) import the heavy parts."""
     cfg, _ = resolve_config(argv)
-    from megatron_bloom.data.preflight import check_training_inputs
+    from megatron_bloom.training.preflight import check_training_inputs
 
     check_training_inputs(cfg)  # data, tokenizer, checkpoint: seconds, before any process group
     from megatron_bloom.training.pretrain import pretrain

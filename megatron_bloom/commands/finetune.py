@@ -20,7 +20,7 @@ from megatron_bloom.cli import entry_point
 
 def finetune_command(argv: Optional[Sequence[str]] = None) -> int:
     """Check the configuration and inputs first, then (and only then) import the heavy parts."""
-    from megatron_bloom.data.preflight import check_training_inputs
+    from megatron_bloom.training.preflight import check_training_inputs
     from megatron_bloom.training.finetune import finetune, resolve_finetune_config
 
     cfg, _ = resolve_finetune_config(argv)
