@@ -88,7 +88,7 @@ def zero_worker(args, zero_stage: int) -> dict:
 
 
 def measure_zero(args) -> List[dict]:
-    from megatron_bloom.models.bloom.configs import count_parameters
+    from megatron_bloom.models.bloom.sizes import count_parameters
     from megatron_bloom.planning.memory import state_bytes_per_parameter
     from megatron_bloom.testing import run_distributed
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron_bloom.distributed import free_port
-from megatron_bloom.models.bloom.configs import count_parameters, named_model_config
+from megatron_bloom.models.bloom.sizes import count_parameters, named_model_config
 from megatron_bloom.planning import Cluster, Layout, accelerator, estimate, search, stages, total_parameters
 from megatron_bloom.planning.stages import layer_names, partition
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from megatron_bloom.models.bloom.config import ModelConfig
-from megatron_bloom.models.bloom.configs import NAMED_MODELS, count_parameters, named_model_config
+from megatron_bloom.models.bloom.sizes import NAMED_MODELS, count_parameters, named_model_config
 from megatron_bloom.models.bloom.spec import BLOOM_SPEC
 from megatron_bloom.models.spec import register_model_spec
 

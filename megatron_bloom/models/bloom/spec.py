@@ -1,7 +1,7 @@
 """BLOOM's ``ModelSpec``: what the rest of the package uses of BLOOM.
 
 The torch modules are imported when a builder is called, not when the spec is registered: the
-configuration (``config.py``, ``configs.py``) is needed before torch is.
+configuration (``config.py``, ``sizes.py``) is needed before torch is.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 
 from megatron_bloom.models.bloom import hf_adapter, sharding
 from megatron_bloom.models.bloom.config import ModelConfig
-from megatron_bloom.models.bloom.configs import NAMED_MODELS
+from megatron_bloom.models.bloom.sizes import NAMED_MODELS
 from megatron_bloom.models.spec import ModelSpec
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from megatron_bloom.config.schema import ModelConfig
-from megatron_bloom.models.bloom.configs import NAMED_MODELS, count_parameters, named_model_config
+from megatron_bloom.models.bloom.sizes import NAMED_MODELS, count_parameters, named_model_config
 
 RELEASED = {
     "bloom-560m": 559_214_592,
