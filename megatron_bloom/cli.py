@@ -43,15 +43,22 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
-def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
-    """launch/pretrain.py: check the configuration first, then (and only then) import the heavy parts."""
-    cfg, _ = resolve_config(argv)
+def run_training(cfg: RunConfig, finetune: bool = False) -> int:
+    """Check the inputs of a resolved configuration, then (and only then) import and run the trainer."""
     from megatron_bloom.training.preflight import check_training_inputs
 
-    check_training_inputs(cfg)  # data, tokenizer, checkpoint: seconds, before any process group
-    from megatron_bloom.training.pretrain import pretrain
+    check_training_inputs(cfg)  # data, tokenizer, checkpoints: seconds, before any process group
+    if finetune:
+        from megatron_bloom.training.finetune import finetune as train
+    else:
+        from megatron_bloom.training.pretrain import pretrain as train
+    return train(cfg)
 
-    return pretrain(cfg)
+
+def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
+    """launch/pretrain.py: check the configuration first, then the inputs, then train."""
+    cfg, _ = resolve_config(argv)
+    return run_training(cfg)
 
 
 def pretrain_main(argv: Optional[Sequence[str]] = None) -> None:

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_bloom.cli import entry_point
+from megatron_bloom.cli import entry_point, run_training
 
 
 def finetune_command(argv: Optional[Sequence[str]] = None) -> int:
-    """Check the configuration and inputs first, then (and only then) import the heavy parts."""
-    from megatron_bloom.training.preflight import check_training_inputs
-    from megatron_bloom.training.finetune import finetune, resolve_finetune_config
+    """Check the configuration (with ``--pretrained``'s architecture) first, then the inputs, then train."""
+    from megatron_bloom.training.finetune import resolve_finetune_config
 
     cfg, _ = resolve_finetune_config(argv)
-    check_training_inputs(cfg)  # data, tokenizer, checkpoints: seconds, before any process group
-    return finetune(cfg)
+    return run_training(cfg, finetune=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

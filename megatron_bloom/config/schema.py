@@ -124,7 +124,7 @@ class DataConfig:
     tokenizer_name_or_path: Optional[str] = None
     """Tokenizer folder (or hub name when online) loadable with transformers.AutoTokenizer."""
     num_workers: int = 2
-    """DataLoader worker processes."""
+    """Background threads reading the next training steps' micro-batches while a step trains (0: each step reads its own when it starts)."""
 
 
 @dataclass

@@ -143,6 +143,8 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
                           "DeepSpeed's ZeRO optimizer, as in BLOOM-176B's run); use --zero-stage 1")
     if t.micro_batch_size < 1:
         raise UserError(f"micro_batch_size={t.micro_batch_size} must be >= 1")
+    if cfg.data.num_workers < 0:
+        raise UserError(f"num_workers={cfg.data.num_workers} must be >= 0 (0 reads each step's batches when it starts)")
     step = t.micro_batch_size * dp
     if t.global_batch_size is None:
         t.global_batch_size = step

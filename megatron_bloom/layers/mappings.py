@@ -60,63 +60,37 @@ def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
 # ---- autograd functions ------------------------------------------------------------------------
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class _Paired(torch.autograd.Function):
+    """``forward`` applies one collective of a pair, ``backward`` its dual; both take ``(tensor, group)``."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, forward_fn, backward_fn):
+        ctx.group, ctx.backward_fn = group, backward_fn
+        return forward_fn(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last_dim(grad, ctx.group), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_last_dim(grad, ctx.group), None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
 # ---- public wrappers ---------------------------------------------------------------------------
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+    return x if group_size(group) == 1 else _Paired.apply(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return x if group_size(group) == 1 else _Paired.apply(x, group, _all_reduce, _identity)
 
 
 def scatter_to_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
+    return x if group_size(group) == 1 else _Paired.apply(x, group, _split_last_dim, _gather_last_dim)
 
 
 def gather_from_tensor_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+    return x if group_size(group) == 1 else _Paired.apply(x, group, _gather_last_dim, _split_last_dim)

@@ -157,3 +157,54 @@ def skip_sample_ranges_to_add(
             n = (end - start + 1) * global_batch_size
             return [key, consumed_samples, consumed_samples + n]
     return None
+
+
+class StepReader:
+    """Reads training steps' micro-batches ahead of the step that trains (``--num-workers``).
+
+    ``read(consumed_samples, global_batch_size)`` gives one step's micro-batches (a list).
+    With ``workers`` > 0, handing out the step at ``consumed`` starts reading the next ``workers``
+    steps in as many background threads (``global_batch_size_at(consumed)`` is the schedule's
+    batch size at a sample position), so reading overlaps training. A request for any other step
+    (a skipped range moved the position) is read in place, and the read-ahead restarts after it.
+    Which batches a step gets never depends on this: reading is a pure function of the step, only
+    its timing changes. Threads rather than processes: the reads are memory-mapped numpy
+    gathers, and a thread needs no fork of a process holding a DeepSpeed engine and its groups.
+    """
+
+    def __init__(self, read: Callable[[int, int], list], workers: int, global_batch_size_at: Callable[[int], int]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.read, self.workers, self.global_batch_size_at = read, workers, global_batch_size_at
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="step-reader") if workers > 0 else None
+        self.pending: Dict[Tuple[int, int], "object"] = {}
+
+    def __call__(self, consumed_samples: int, global_batch_size: int) -> list:
+        key = (consumed_samples, global_batch_size)
+        future = self.pending.pop(key, None)
+        if self.pool is None:
+            return self.read(*key)
+        if future is None:
+            self._drop_pending()
+            batches = self.read(*key)
+        else:
+            batches = future.result()  # a failed read raises here, when its step is due
+        self._read_ahead(consumed_samples + global_batch_size)
+        return batches
+
+    def _read_ahead(self, consumed: int) -> None:
+        for _ in range(self.workers):
+            gbs = self.global_batch_size_at(consumed)
+            if (consumed, gbs) not in self.pending:
+                self.pending[(consumed, gbs)] = self.pool.submit(self.read, consumed, gbs)
+            consumed += gbs
+
+    def _drop_pending(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self._drop_pending()
+            self.pool.shutdown(wait=True)

@@ -28,6 +28,7 @@ from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_confi
 from megatron_bloom.distributed import init_distributed, set_seed
 from megatron_bloom.training.data import (
     build_datasets,
+    StepReader,
     micro_batches_for_step,
     parse_skip_ranges,
     skip_sample_ranges_to_add,
@@ -253,6 +254,9 @@ class Trainer:
         exit_code = 0
         log0(f"> training from iteration {self.iteration} ({self.consumed_samples} samples consumed)")
         self.monitor.reset_timer()
+        read_step = StepReader(lambda consumed, gbs: self._batches(self.train_ds, consumed, gbs),
+                               cfg.data.num_workers if self.engine.reads_data else 0,
+                               self.batch_schedule.global_batch_size)
         try:
             while not self._done():
                 gbs = self.batch_schedule.global_batch_size(self.consumed_samples)
@@ -272,8 +276,7 @@ class Trainer:
                     self.engine.set_gradient_accumulation_steps(gbs // (t.micro_batch_size * self.state.dims.dp))
                 lr = self.lr_schedule.lr(self.consumed_samples)
                 self.engine.set_learning_rate(lr)
-                result = self.engine.train_step(self._batches(self.train_ds, self.consumed_samples, gbs),
-                                                iteration=self.iteration + 1)
+                result = self.engine.train_step(read_step(self.consumed_samples, gbs), iteration=self.iteration + 1)
                 elapsed = time.time() - step_start
                 self.iteration += 1
                 self.consumed_samples += gbs
@@ -338,6 +341,7 @@ class Trainer:
             log0(f"> training done at iteration {self.iteration} ({self.consumed_samples} samples)")
             return 0
         finally:
+            read_step.close()
             self.stop.uninstall()
             self.monitor.close()
 

@@ -147,13 +147,16 @@ def test_kill_switch_exit_interval_and_skip_ranges(corpus, tmp_path):
 
 
 def test_batch_size_rampup_same_curve_at_dp1_and_dp2(corpus, tmp_path):
-    """--rampup-batch-size changes the accumulation steps of the live engine; DP=2 must follow DP=1."""
+    """--rampup-batch-size changes the accumulation steps of the live engine; DP=2 must follow DP=1,
+    with or without steps read ahead (--num-workers)."""
     ramp = ["--rampup-batch-size", "4", "4", "24", "--train-samples", "64", "--eval-interval", "1000",
             "--lr-warmup-iters", "0", "--lr-warmup-samples", "8"]
     curves = {}
     for nproc in (1, 2):
         tb = tmp_path / f"tb{nproc}"
-        p = pretrain(nproc, *data_args(corpus), *ramp, "--tensorboard-dir", str(tb))
+        # DP=1 reads each step when it starts; DP=2 reads two steps ahead across the ramp's changes.
+        workers = "0" if nproc == 1 else "2"
+        p = pretrain(nproc, *data_args(corpus), *ramp, "--num-workers", workers, "--tensorboard-dir", str(tb))
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         curves[nproc] = (scalars(str(tb), LOSS), scalars(str(tb), "batch-size/batch-size"))
     losses1, batches1 = curves[1]

@@ -32,7 +32,9 @@ from megatron_bloom.models.bloom.config import ModelConfig
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
 from megatron_bloom.models.seeding import seed_layer
 
-KVCache = List[Tuple[Tensor, Tensor]]
+LayerKV = Tuple[Tensor, Tensor]
+"""One layer's cached (key, value)."""
+KVCache = List[LayerKV]
 """Per layer (key, value), each ``[b, np, sk, hn]``."""
 
 
@@ -99,13 +101,8 @@ class BloomAttention(nn.Module):
         """Where attention dropout draws: the tracker's fork when something is dropped, else nowhere."""
         return dropout_rng(self.rng_tracker if self._dropout_p() > 0 else None)
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        mask: AlibiMask,
-        layer_past: Optional[Tuple[Tensor, Tensor]] = None,
-        use_cache: bool = False,
-    ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    def forward(self, hidden_states: Tensor, mask: AlibiMask, layer_past: Optional[LayerKV] = None,
+                use_cache: bool = False) -> Tuple[Tensor, Optional[LayerKV]]:
         b, sq, _ = hidden_states.shape
         hn = self.head_dim
         mixed = self.query_key_value(hidden_states)  # [b, sq, np*3*hn]
@@ -182,13 +179,8 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(cfg)
         self.apply_residual_connection_post_layernorm = cfg.apply_residual_connection_post_layernorm
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        mask: AlibiMask,
-        layer_past: Optional[Tuple[Tensor, Tensor]] = None,
-        use_cache: bool = False,
-    ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    def forward(self, hidden_states: Tensor, mask: AlibiMask, layer_past: Optional[LayerKV] = None,
+                use_cache: bool = False) -> Tuple[Tensor, Optional[LayerKV]]:
         """``[b, s, h]`` -> ``([b, s, h], present (k, v) or None)``."""
         post_ln = self.apply_residual_connection_post_layernorm
         ln_out = self.input_layernorm(hidden_states)
@@ -220,14 +212,8 @@ class BloomModel(nn.Module):
         """Pipeline stage 0: ``[b, s]`` token ids -> ``[b, s, h]``."""
         return self.embedding_dropout(self.word_embeddings_layernorm(self.word_embeddings(input_ids)))
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        segment_ids: Optional[Tensor] = None,
-        past_key_values: Optional[KVCache] = None,
-        use_cache: bool = False,
-    ) -> Tuple[Tensor, Optional[KVCache]]:
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False) -> Tuple[Tensor, Optional[KVCache]]:
         """``[b, s]`` ids -> final-LayerNorm hidden states ``[b, s, h]`` and the new cache."""
         past_length = past_key_values[0][0].shape[2] if past_key_values else 0
         mask = make_alibi_mask(
@@ -348,14 +334,8 @@ class BloomForCausalLM(nn.Module):
         """Last pipeline stage: block output ``[b, s, h]`` -> logits ``[b, s, v]``."""
         return self.lm_head(self.transformer.ln_f(hidden_states))
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        segment_ids: Optional[Tensor] = None,
-        past_key_values: Optional[KVCache] = None,
-        use_cache: bool = False,
-    ):
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False):
         """Logits ``[b, s, padded_vocab]``, or ``(logits, cache)`` when ``use_cache``.
 
         Args:
