@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_bloom.atomic import atomic_write_text
 from megatron_bloom.errors import UserError, run_main
 
 NUMBERS: Dict[str, List[str]] = {
@@ -142,11 +143,7 @@ def corpus_texts(languages: Sequence[str], count: int, rng: np.random.RandomStat
 
 def write_jsonl(path: str, rows: List[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_split(out_dir: str, split: str, rows: List[dict]) -> List[str]:

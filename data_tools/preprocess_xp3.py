@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 from data_tools import run_tool
+from megatron_bloom.atomic import atomic_write_text
 from megatron_bloom.data.indexed_dataset import best_dtype
 from megatron_bloom.data.readers import InputError, _text_problem, make_output_dir
 from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer
@@ -199,10 +200,7 @@ def write_mixture(path: str, metas: Dict[str, dict], prefixes: Dict[str, str], w
     total = float(sum(weights))
     entries = [f"{w / total:.6g} {span} {prefixes[g]}" for g, w in zip(groups, weights)]
     line = "train: " + ", ".join(entries)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, line + "\n")
     return path
 
 

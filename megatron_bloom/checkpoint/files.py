@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any, Callable, List
+from typing import Any, List
 
+from megatron_bloom.atomic import atomic_write, atomic_write_text  # noqa: F401 - the checkpoint's writers
 from megatron_bloom.errors import UserError
 
 LATEST = "latest"
@@ -56,32 +57,6 @@ def rng_file(rank: int) -> str:
 
 
 # ---- writing -----------------------------------------------------------------------------------
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` fills a temporary file beside ``path``, which is then synced and renamed.
-
-    Readers see either the old file or the complete new one, also after a crash: the data is on
-    disk (fsync) before the rename makes it visible. ``write`` receives a path, not an open file,
-    because ``torch.save`` names the records inside its zip archive after the file it is given;
-    the temporary name ``<path>.tmp.<pid>`` is therefore part of the bytes written.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

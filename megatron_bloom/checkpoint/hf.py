@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from megatron_bloom.checkpoint.files import copy_tokenizer_files, has_tokenizer_files, tokenizer_files
+from megatron_bloom.checkpoint.files import copy_tokenizer_files, tokenizer_files
 from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, STATE_FILE
+from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, STATE_FILE, has_tokenizer_files
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.errors import UserError
 
@@ -83,7 +83,7 @@ def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int, rank: int,
         def write(out: str) -> None:
             cfg, sd = hf.read_hf_checkpoint(src)
             special = hf.special_tokens_from_hf(hf.read_config_json(src))
-            tok = src if hf.has_tokenizer_files(src) else None
+            tok = src if has_tokenizer_files(src) else None
             native.write_native_checkpoint(sd, cfg, out, tp, tokenizer_dir=tok, special_tokens=special)
 
         return convert_once(write, src, run_dir, rank, device)

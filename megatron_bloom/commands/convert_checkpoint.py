@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_of(source_dir: str):
-    from megatron_bloom.checkpoint.hf import has_tokenizer_files
+    from megatron_bloom.checkpoint.files import has_tokenizer_files
 
     return source_dir if source_dir and os.path.isdir(source_dir) and has_tokenizer_files(source_dir) else None
 

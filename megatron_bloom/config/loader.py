@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from megatron_bloom.atomic import atomic_write_text
+
 from .docs import field_docs
 from megatron_bloom.errors import UserError
 from megatron_bloom.models.spec import get_model_spec
@@ -190,10 +192,7 @@ def save_resolved_config(cfg: RunConfig, directory: str, name: str = "config.yam
     """Write the resolved configuration next to the run's outputs; returns the file path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 

@@ -30,11 +30,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from megatron_bloom.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -253,21 +254,6 @@ def index_cache_paths(
     return paths
 
 
-def _save_atomically(path: str, write: Callable) -> None:
-    # A unique temp name in the same directory, then rename: readers only ever see complete files
-    # under the final name, and builders on several nodes sharing a filesystem cannot collide.
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_or_build_index_mappings(
     data_prefix: str, name: str, documents: np.ndarray, sizes: np.ndarray, num_samples: int, seq_length: int, seed: int,
     build_on_this_rank: bool = True, barrier: Optional[Callable[[], None]] = None, cache_dir: Optional[str] = None,
@@ -289,10 +275,12 @@ def load_or_build_index_mappings(
             os.makedirs(os.path.dirname(paths["doc_idx"]) or ".", exist_ok=True)
             mappings = build_index_mappings(documents, sizes, num_samples, seq_length, seed)
             # Written for humans wondering what a cache file holds; never read back.
-            _save_atomically(f"{stem}_description.json", lambda f: f.write(description.encode()))
+            # A unique temporary name: builders on several nodes sharing a filesystem cannot collide.
+            atomic_write_bytes(f"{stem}_description.json", lambda f: f.write(description.encode()), unique=True)
             # shuffle_idx is renamed last; the loader checks all three, so order only aids debugging.
             for a in _ARRAYS:
-                _save_atomically(paths[a], lambda f, arr=getattr(mappings, a): np.save(f, arr, allow_pickle=False))
+                atomic_write_bytes(paths[a], lambda f, arr=getattr(mappings, a): np.save(f, arr, allow_pickle=False),
+                                   unique=True)
             built = True
             logger.info("built %s index for %s (%d epochs, %d samples) in %.2fs", name, data_prefix,
                         mappings.num_epochs, len(mappings.shuffle_idx), time.time() - start)

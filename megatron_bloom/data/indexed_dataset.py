@@ -39,6 +39,8 @@ import struct
 
 import numpy as np
 
+from megatron_bloom.atomic import atomic_write_text
+
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 # Header: magic, version, dtype code, number of sequences, number of doc_idx entries.
@@ -80,10 +82,7 @@ def token_stats_path(prefix: str) -> str:
 def write_token_stats(path: str, max_token_id: int | None, num_sequences: int, bin_bytes: int, **extra) -> None:
     """Write the sidecar (see the module docstring) atomically; ``extra`` adds e.g. the tokenizer."""
     stats = {"max_token_id": max_token_id, "num_sequences": num_sequences, "bin_bytes": bin_bytes, **extra}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(stats, indent=1, sort_keys=True))
 
 
 def best_dtype(vocab_size: int) -> type:

@@ -40,7 +40,7 @@ import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from megatron_bloom.monitoring.console import format_memory_line, format_training_line, format_validation_block
-from megatron_bloom.monitoring.metrics import IntervalStats, IntervalSummary, max_rss_mb, perplexity, rss_mb
+from megatron_bloom.monitoring.metrics import IntervalStats, perplexity
 from megatron_bloom.monitoring.tensorboard import TensorBoardWriter
 from megatron_bloom.monitoring.wandb_writer import WandbWriter
 

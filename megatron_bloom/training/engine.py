@@ -8,9 +8,8 @@ Both build the same layers from the same per-layer seeds, so every layout starts
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

@@ -11,7 +11,7 @@ import math
 import os
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist

@@ -16,8 +16,7 @@ import torch
 
 from pretrain_run import REPO, command, env, scalars  # tests/training, via this folder's conftest
 
-from megatron_bloom.errors import UserError  # noqa: E402
-from megatron_bloom.config import RunConfig, validate_config
+from megatron_bloom.config import RunConfig, validate_config  # noqa: E402
 from megatron_bloom.errors import UserError  # noqa: E402
 from megatron_bloom.training.engine import emulated_cpu_half_precision  # noqa: E402
 from megatron_bloom.monitoring.metrics import IntervalStats, rss_mb  # noqa: E402

@@ -121,6 +121,7 @@ def _layer(module: str) -> str:
 # top: nothing in the package imports them.
 FORBIDDEN = {
     "errors": {"*"},
+    "atomic": {"*"},
     "config": {"training", "checkpoint", "data", "monitoring", "generation", "evaluation", "planning", "cli", "commands"},
     "distributed": {"training", "checkpoint", "data", "monitoring", "generation", "evaluation", "planning", "cli", "commands"},
     "layers": {"models", "training", "checkpoint", "data", "monitoring", "generation", "evaluation", "planning", "cli", "commands"},
