@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 from megatron_bloom.data.blends import build_blending_indices
 from megatron_bloom.data.gpt_dataset import GPTDataset, build_index_mappings, load_or_build_index_mappings
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from megatron_bloom.errors import run_main
 
 
 def parse_args(argv=None):
@@ -138,4 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from benchmarks.common import add_model_args, format_run_info, pyplot, run_info
-from megatron_bloom.errors import fail
+from megatron_bloom.errors import fail, run_main
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.distributed.init import flush_denormals
 from megatron_bloom.models.bloom.model import BloomForCausalLM, causal_lm_loss
@@ -225,4 +225,4 @@ def plot(result: dict, out_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

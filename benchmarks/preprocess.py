@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
+from megatron_bloom.errors import UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +58,8 @@ def _run(cmd: list[str]) -> tuple[float, float]:
     result = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(cmd)}\n{result.stderr}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"benchmark step failed: {' '.join(cmd)}: {last}")
     return elapsed, _cpu_of_children() - cpu
 
 
@@ -141,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -117,10 +117,13 @@ class MMapIndexedDataset:
     `ds[i]` is sequence i as a numpy array (a view into the map: copy it before writing to it).
     The constructor checks the header and that the .bin holds exactly what the index points to,
     so a truncated copy or a .bin/.idx pair from different runs fails here, not mid-training.
+    ``sizes`` (tokens per sequence), ``pointers`` (byte offsets into the .bin) and ``doc_idx``
+    (first sequence of each document) are read-only views of the mapped .idx; ``dtype`` is the
+    token dtype.
     """
 
     def __init__(self, path_prefix: str):
-        self._prefix = path_prefix
+        self.path_prefix = path_prefix
         idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
@@ -152,27 +155,27 @@ class MMapIndexedDataset:
                 f"{idx_path}: {idx_bytes} bytes but the header describes {n_seq} sequences and {n_doc} doc_idx "
                 f"entries ({expected} bytes); the file is truncated or corrupt, {regenerate}"
             )
-        self._dtype = np.dtype(_DTYPE_BY_CODE[code])
+        self.dtype = np.dtype(_DTYPE_BY_CODE[code])
         # The whole index is small next to the .bin, but mapping it keeps start-up O(1) for huge corpora.
         self._idx_buffer = np.memmap(idx_path, mode="r", dtype=np.uint8) if idx_bytes else np.empty(0, np.uint8)
         offset = _HEADER.size
-        self._sizes = np.frombuffer(self._idx_buffer, dtype=np.int32, count=n_seq, offset=offset)
-        offset += self._sizes.nbytes
-        self._pointers = np.frombuffer(self._idx_buffer, dtype=np.int64, count=n_seq, offset=offset)
-        offset += self._pointers.nbytes
-        self._doc_idx = np.frombuffer(self._idx_buffer, dtype=np.int64, count=n_doc, offset=offset)
-        if n_doc == 0 or self._doc_idx[0] != 0 or self._doc_idx[-1] > n_seq:
+        self.sizes = np.frombuffer(self._idx_buffer, dtype=np.int32, count=n_seq, offset=offset)
+        offset += self.sizes.nbytes
+        self.pointers = np.frombuffer(self._idx_buffer, dtype=np.int64, count=n_seq, offset=offset)
+        offset += self.pointers.nbytes
+        self.doc_idx = np.frombuffer(self._idx_buffer, dtype=np.int64, count=n_doc, offset=offset)
+        if n_doc == 0 or self.doc_idx[0] != 0 or self.doc_idx[-1] > n_seq:
             raise IndexedDatasetError(
                 f"{idx_path}: doc_idx must start at 0 and end at most at {n_seq} sequences; the index is corrupt, {regenerate}"
             )
 
     def _map_data(self, bin_path: str) -> None:
         bin_bytes = os.path.getsize(bin_path)
-        n = len(self._sizes)
-        expected = int(self._pointers[-1]) + int(self._sizes[-1]) * self._dtype.itemsize if n else 0
+        n = len(self.sizes)
+        expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_bytes != expected:
             raise IndexedDatasetError(
-                f"{bin_path}: {bin_bytes} bytes but {index_file_path(self._prefix)} expects {expected}; the .bin is "
+                f"{bin_path}: {bin_bytes} bytes but {index_file_path(self.path_prefix)} expects {expected}; the .bin is "
                 f"truncated or belongs to another .idx, re-run data_tools/preprocess_data.py for this prefix"
             )
         # np.memmap refuses empty files, and an empty dataset is legal (e.g. a filtered-out shard).
@@ -181,13 +184,13 @@ class MMapIndexedDataset:
     def __getstate__(self):
         # Pickle the path, not the maps: np.memmap would pickle as a full in-memory copy of the
         # .bin, which DataLoader workers started with spawn would each receive.
-        return {"path_prefix": self._prefix}
+        return {"path_prefix": self.path_prefix}
 
     def __setstate__(self, state):
         self.__init__(state["path_prefix"])
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self.sizes)
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):
@@ -200,44 +203,24 @@ class MMapIndexedDataset:
         if idx < 0:
             idx += n
         if not 0 <= idx < n:
-            raise IndexError(f"sequence index {idx} out of range for {n} sequences in {self._prefix}")
-        size = int(self._sizes[idx])
+            raise IndexError(f"sequence index {idx} out of range for {n} sequences in {self.path_prefix}")
+        size = int(self.sizes[idx])
         if length is None:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
             raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {idx} of length {size}")
-        start = int(self._pointers[idx]) + offset * self._dtype.itemsize
-        return np.frombuffer(self._bin_buffer, dtype=self._dtype, count=length, offset=start)
+        start = int(self.pointers[idx]) + offset * self.dtype.itemsize
+        return np.frombuffer(self._bin_buffer, dtype=self.dtype, count=length, offset=start)
 
     def __iter__(self):
         for i in range(len(self)):
             yield self.get(i)
 
-    @property
-    def sizes(self) -> np.ndarray:
-        return self._sizes
-
-    @property
-    def pointers(self) -> np.ndarray:
-        return self._pointers
-
-    @property
-    def doc_idx(self) -> np.ndarray:
-        return self._doc_idx
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def path_prefix(self) -> str:
-        return self._prefix
-
     def recorded_max_token_id(self) -> tuple[bool, int | None]:
         """(found, largest id) from the sidecar; found is False when it is missing, unreadable or
         describes another .bin (a different size or sequence count)."""
         try:
-            with open(token_stats_path(self._prefix), encoding="utf-8") as f:
+            with open(token_stats_path(self.path_prefix), encoding="utf-8") as f:
                 stats = json.load(f)
             matches = (stats["bin_bytes"] == len(self._bin_buffer) and stats["num_sequences"] == len(self))
             value = stats["max_token_id"]
@@ -249,7 +232,7 @@ class MMapIndexedDataset:
 
     def scan_max_token_id(self, chunk_tokens: int = 1 << 24) -> int | None:
         """Largest token id in the .bin (None when empty), read in chunks of the memory map."""
-        tokens = np.frombuffer(self._bin_buffer, dtype=self._dtype)
+        tokens = np.frombuffer(self._bin_buffer, dtype=self.dtype)
         if tokens.size == 0:
             return None
         return max(int(tokens[s : s + chunk_tokens].max()) for s in range(0, tokens.size, chunk_tokens))

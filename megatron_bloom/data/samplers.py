@@ -13,9 +13,15 @@ The trainer deals each step's samples through it (``training/data.micro_batches_
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, List
 
 
+STATE_KEYS = ("consumed_samples", "total_samples", "micro_batch_size", "data_parallel_size")
+"""What ``state_dict`` records; only ``consumed_samples`` is read back."""
+
+
+@dataclass
 class PretrainingSampler:
     """Yields this rank's micro-batches (lists of dataset indices), starting at consumed_samples.
 
@@ -28,23 +34,22 @@ class PretrainingSampler:
     `load_state_dict({"consumed_samples": that})` or by passing it to the constructor.
     """
 
-    def __init__(
-        self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-        data_parallel_size: int, drop_last: bool = True,
-    ):
-        if total_samples <= 0:
-            raise ValueError(f"total_samples={total_samples} must be > 0")
-        if micro_batch_size <= 0 or data_parallel_size <= 0:
-            raise ValueError(f"micro_batch_size={micro_batch_size} and data_parallel_size={data_parallel_size} must be > 0")
-        if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(f"data_parallel_rank={data_parallel_rank} is not in [0, {data_parallel_size})")
-        self.total_samples = total_samples
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_rank = data_parallel_rank
-        self.data_parallel_size = data_parallel_size
-        self.drop_last = drop_last
-        self.consumed_samples = 0
-        self.load_state_dict({"consumed_samples": consumed_samples})
+    total_samples: int
+    consumed_samples: int
+    micro_batch_size: int
+    data_parallel_rank: int
+    data_parallel_size: int
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.total_samples <= 0:
+            raise ValueError(f"total_samples={self.total_samples} must be > 0")
+        if self.micro_batch_size <= 0 or self.data_parallel_size <= 0:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} and data_parallel_size="
+                             f"{self.data_parallel_size} must be > 0")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank={self.data_parallel_rank} is not in [0, {self.data_parallel_size})")
+        self.load_state_dict({"consumed_samples": self.consumed_samples})
 
     @property
     def global_micro_batch(self) -> int:
@@ -71,12 +76,7 @@ class PretrainingSampler:
             yield list(range(min(start + own, end), min(start + own + self.micro_batch_size, end)))
 
     def state_dict(self) -> dict:
-        return {
-            "consumed_samples": self.consumed_samples,
-            "total_samples": self.total_samples,
-            "micro_batch_size": self.micro_batch_size,
-            "data_parallel_size": self.data_parallel_size,
-        }
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at state["consumed_samples"]; other keys are informational.

@@ -31,33 +31,13 @@ class ParallelState:
     pp_ranks: List[int] = field(default_factory=lambda: [0])
     embedding_ranks: List[int] = field(default_factory=lambda: [0])
 
-    @property
-    def coord(self) -> Coord:
-        return self.dims.coord(self.rank)
-
-    @property
-    def tp_rank(self) -> int:
-        return self.coord.tp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.coord.dp
-
-    @property
-    def pp_rank(self) -> int:
-        return self.coord.pp
-
-    @property
-    def tp_size(self) -> int:
-        return self.dims.tp
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.dims.pp - 1
+    def __post_init__(self) -> None:
+        """Derives ``coord``, ``tp_rank``, ``dp_rank``, ``pp_rank``, ``tp_size``, ``is_first_stage`` and
+        ``is_last_stage`` once: the rank and the grid never change for the life of the process."""
+        self.coord: Coord = self.dims.coord(self.rank)
+        self.tp_rank, self.dp_rank, self.pp_rank = self.coord.tp, self.coord.dp, self.coord.pp
+        self.tp_size = self.dims.tp
+        self.is_first_stage, self.is_last_stage = self.pp_rank == 0, self.pp_rank == self.dims.pp - 1
 
     @classmethod
     def single(cls, device: Optional[torch.device] = None) -> "ParallelState":

@@ -79,9 +79,9 @@ class MegatronBloomLM(TemplateLM):
             raise UserError("megatron_bloom needs model_args load=DIR (a native checkpoint or transformers folder)")
         if str(batch_size).startswith("auto"):
             raise UserError("megatron_bloom takes an integer batch size, not 'auto'")
-        self._batch_size = _int_arg("batch_size", batch_size)
-        if self._batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self._batch_size}")
+        self.batch_size = _int_arg("batch_size", batch_size)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI passes cuda:0 unless told otherwise; fall back to the CPU as its hf model does.
             eval_logger.warning(f"device {device} is not available; running on cpu")
@@ -89,9 +89,9 @@ class MegatronBloomLM(TemplateLM):
         self.em = load_for_eval(str(load), tokenizer, dtype, attention_impl, device)
         self.tokenizer = self.em.tokenizer
         self._device = self.em.device
-        self._max_length = (_int_arg("max_length", max_length) if max_length is not None
+        self.max_length = (_int_arg("max_length", max_length) if max_length is not None
                             else self.em.default_max_length())
-        self._max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
+        self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
         self.add_bos_token = add_bos_token
         self._prefix = (_int_arg("prefix_token_id", prefix_token_id) if prefix_token_id is not None
                         else self.em.prefix_id("bos"))
@@ -117,18 +117,6 @@ class MegatronBloomLM(TemplateLM):
     @property
     def prefix_token_id(self) -> int:
         return self._prefix
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def max_gen_toks(self) -> int:
-        return self._max_gen_toks
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
 
     @property
     def tokenizer_name(self) -> str:

@@ -37,10 +37,12 @@ def _exp(x: float) -> float:
 
 @dataclass
 class Totals:
+    """Running sums over the documents scored; ``metrics`` turns them into perplexities."""
+
     documents: int = 0
     tokens: int = 0
-    bytes: int = 0
-    nll: float = 0.0
+    bytes: int = 0  # UTF-8 bytes of the text scored, for byte perplexity
+    nll: float = 0.0  # nats, summed over tokens
 
     def add(self, tokens: int, n_bytes: int, nll: float) -> None:
         self.documents += 1

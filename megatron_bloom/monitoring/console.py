@@ -15,18 +15,9 @@ from typing import Mapping, Optional, Sequence
 from megatron_bloom.monitoring.metrics import IntervalSummary, perplexity
 
 
-def format_training_line(
-    iteration: int,
-    train_iters: Optional[int],
-    consumed_samples: int,
-    consumed_tokens: int,
-    learning_rate: float,
-    global_batch_size: int,
-    interval: IntervalSummary,
-    tflops_per_gpu: float,
-    grad_norm: Optional[float] = None,
-    loss_scale: Optional[float] = None,
-) -> str:
+def format_training_line(iteration: int, train_iters: Optional[int], consumed_samples: int, consumed_tokens: int,
+                         learning_rate: float, global_batch_size: int, interval: IntervalSummary, tflops_per_gpu: float,
+                         grad_norm: Optional[float] = None, loss_scale: Optional[float] = None) -> str:
     total = f"/{train_iters:8d}" if train_iters is not None else ""
     parts = [
         f" iteration {iteration:8d}{total}",
