@@ -69,12 +69,12 @@ def _tokenizer_of(source_dir: str):
 
 def convert(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_bloom.checkpoint import hf, native
+    from megatron_bloom.checkpoint import files, hf, native
     from megatron_bloom.config.validate import output_dir_problem
 
     # Cheap checks before any weight is read (minutes for a large model).
     if args.tokenizer:
-        hf.tokenizer_files(args.tokenizer)
+        files.tokenizer_files(args.tokenizer)
     if output_dir_problem(args.out):
         raise UserError(f"--out {args.out} cannot be created: {output_dir_problem(args.out)}; choose a writable folder")
     special = {}

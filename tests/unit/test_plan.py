@@ -12,18 +12,10 @@ from megatron_bloom.distributed import free_port
 from megatron_bloom.models.bloom.sizes import count_parameters, named_model_config
 from megatron_bloom.planning import Cluster, Layout, accelerator, estimate, search, stages, total_parameters
 from megatron_bloom.planning.stages import layer_names, partition
+from test_bloom_sizes import RELEASED as PUBLISHED_COUNTS  # the released checkpoints' parameter counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLAN = os.path.join(REPO, "launch", "plan.py")
-
-PUBLISHED_COUNTS = {
-    "bloom-560m": 559_214_592,
-    "bloom-1b1": 1_065_314_304,
-    "bloom-1b7": 1_722_408_960,
-    "bloom-3b": 3_002_557_440,
-    "bloom-7b1": 7_069_016_064,
-    "bloom-176b": 176_247_271_424,
-}
 
 
 def _plan_module():
