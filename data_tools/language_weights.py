@@ -7,7 +7,9 @@ small languages are seen more often (upsampled, several epochs) and large ones l
 Inputs are `LANG COUNT` pairs or MMIDIDX prefixes (the count is the sum of the .idx sizes), mixed
 freely on the command line or one per line in --file. The last stdout line is a --data-path value;
 the table (tokens, share, weight, how many times each language is seen relative to alpha = 1) goes
-to stderr, so `--data-path $(python data_tools/language_weights.py ...)` works.
+to stderr, so `--data-path $(python data_tools/language_weights.py ...)` works. `--mixture-file F`
+also writes the weights as a bigscience mixture file ('"train: W 0:1 PREFIX, ..."' on one line,
+readable by Megatron-DeepSpeed's and our --train-weighted-split-paths-path).
 
     python data_tools/language_weights.py en 1200000000 fr 400000000 yo 2000000
     python data_tools/language_weights.py data/en_text_document data/fr_text_document --alpha 0.5
@@ -22,7 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_bloom.atomic import atomic_write_text
+from megatron_bloom.data.blends import weighted_split_group_text, weighted_split_paths_file_text
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, index_file_path
+from megatron_bloom.data.mtf import mds_prefix
 from megatron_bloom.errors import UserError, run_main
 
 
@@ -63,10 +68,13 @@ def parse_sources(tokens: Sequence[str]) -> List[Tuple[str, float, Optional[str]
             continue
         if _count(name) is not None:
             raise ValueError(f"count {name!r} (argument {i + 1}) follows no language name; give 'LANG COUNT' pairs")
-        if not os.path.isfile(index_file_path(name)):
-            raise ValueError(f"{name!r} is neither followed by a token count nor an index prefix ({index_file_path(name)} not found)")
-        sizes = MMapIndexedDataset(name).sizes
-        out.append((os.path.basename(name), float(np.asarray(sizes).sum(dtype=np.int64)), name))
+        # A plain/paired prefix counts its own .idx; Megatron-DeepSpeed pairs their two files.
+        parts = [name] if os.path.isfile(index_file_path(name)) else [mds_prefix(name, k) for k in ("inputs", "targets")]
+        if not all(os.path.isfile(index_file_path(x)) for x in parts):
+            raise ValueError(f"{name!r} is neither followed by a token count nor an index prefix ({index_file_path(name)} "
+                             f"not found, nor {index_file_path(mds_prefix(name, 'inputs'))})")
+        total = sum(float(np.asarray(MMapIndexedDataset(x).sizes).sum(dtype=np.int64)) for x in parts)
+        out.append((os.path.basename(name), total, name))
         i += 1
     if not out:
         raise ValueError("no languages given; pass 'LANG COUNT' pairs or index prefixes")
@@ -89,6 +97,9 @@ def language_weights_command(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.3, help="sampling exponent (default 0.3)")
     p.add_argument("--prefix-template", default="{lang}",
                    help="prefix written for a 'LANG COUNT' source, e.g. 'data/{lang}_text_document'")
+    p.add_argument("--mixture-file", help="also write a bigscience mixture file for --train-weighted-split-paths-path")
+    p.add_argument("--mixture-name", default="train", help="group name in --mixture-file (default train)")
+    p.add_argument("--mixture-range", default="0:1", help="START:END fraction of every dataset in --mixture-file")
     args = p.parse_args(argv)
     tokens = list(args.sources)
     if args.file:
@@ -111,6 +122,13 @@ def language_weights_command(argv=None) -> int:
     for row in zip(*table.values()):
         print("| " + " | ".join(row) + " |", file=sys.stderr)
     prefixes = [prefix or args.prefix_template.format(lang=name) for name, _, prefix in sources]
+    if args.mixture_file:
+        try:
+            group = weighted_split_group_text(args.mixture_name, [(w, args.mixture_range, pre) for w, pre in zip(weights, prefixes)])
+        except ValueError as e:
+            raise UserError(f"--mixture-file {args.mixture_file}: {e}") from None
+        atomic_write_text(args.mixture_file, weighted_split_paths_file_text([group]))
+        print(f"wrote {args.mixture_file}", file=sys.stderr)
     print(data_path_string(weights, prefixes))
     return 0
 

@@ -10,9 +10,17 @@ one without ``dataset`` its file name (without extension). Each pair is stored a
 two sequences (see megatron_bloom/data/xp3.py): the inputs tokens, and the targets tokens with EOD
 appended (``--prepend-space`` puts a space before every target first, as BLOOMZ's data did).
 
-``--split-by language`` (or ``file``) writes one paired dataset per language (file) as
-``PREFIX_<name>`` plus ``PREFIX.mixture.txt``, a bigscience mixture file for
-``--train-weighted-split-paths-path`` whose weights follow ``--mixture-weights``. Outputs are
+``--output-format megatron-deepspeed`` writes Megatron-DeepSpeed's two files per dataset instead,
+``PREFIX_inputs_document.{bin,idx}`` and ``PREFIX_targets_document.{bin,idx}``, laid out byte for
+byte as its tools/preprocess_data.py writes them for the same token ids (the xP3 recipe ran it with
+``--json-keys inputs`` and ``--json-keys targets --append-eod --prepend-space``); they carry no
+names, so the finetune reads language and task off the prefix (megatron_bloom/data/mtf.py).
+
+``--split-by language`` (or ``file``) writes one dataset per language (file) as ``PREFIX_<name>``
+plus ``PREFIX.mixture.txt``, a bigscience mixture file for ``--train-weighted-split-paths-path``
+(one line of double-quoted groups, which Megatron-DeepSpeed's parser reads too) whose weights
+follow ``--mixture-weights``; ``--mixture-per-group`` writes one group per language instead (the
+shape of a ``--valid-weighted-split-paths-path`` file, each language evaluated on its own). Outputs are
 written as ``*.tmp`` and renamed when complete; problems print one ``error:`` line (exit code 2)
 naming ``file:line``.
 """
@@ -31,7 +39,9 @@ import numpy as np
 
 from data_tools import run_tool
 from megatron_bloom.atomic import atomic_write_text
+from megatron_bloom.data.blends import weighted_split_group_text, weighted_split_paths_file_text
 from megatron_bloom.data.indexed_dataset import best_dtype
+from megatron_bloom.data.mtf import FORMAT_MDS, MegatronDeepSpeedPairsWriter
 from megatron_bloom.data.readers import InputError, _text_problem, make_output_dir
 from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer
 from megatron_bloom.data.xp3 import UNKNOWN, PairedDatasetWriter
@@ -130,13 +140,14 @@ def preprocess(args) -> dict:
         "prepend_space": bool(args.prepend_space),
         "inputs": [os.path.basename(os.path.normpath(p)) for p in args.input],
     }
-    writers: Dict[str, PairedDatasetWriter] = {}
+    writers: Dict[str, object] = {}
     stats = {"bad": 0, "first_bad": None, "pairs": 0}
+    writer_class = MegatronDeepSpeedPairsWriter if args.output_format == FORMAT_MDS else PairedDatasetWriter
 
-    def writer_for(group: str) -> PairedDatasetWriter:
+    def writer_for(group: str):
         if group not in writers:
             prefix = args.output_prefix if args.split_by == "none" else f"{args.output_prefix}_{safe_name(group)}"
-            writers[group] = PairedDatasetWriter(prefix, dtype, meta)
+            writers[group] = writer_class(prefix, dtype, meta)
         return writers[group]
 
     def flush(batch: list) -> None:
@@ -183,13 +194,18 @@ def preprocess(args) -> dict:
     stats["metas"] = metas
     if args.split_by != "none":
         stats["mixture"] = write_mixture(args.output_prefix + ".mixture.txt", metas, stats["outputs"],
-                                         args.mixture_weights, args.mixture_range)
+                                         args.mixture_weights, args.mixture_range, args.mixture_name,
+                                         args.mixture_per_group)
     stats["seconds"] = time.perf_counter() - start
     return stats
 
 
-def write_mixture(path: str, metas: Dict[str, dict], prefixes: Dict[str, str], weighting: str, span: str) -> str:
-    """A bigscience mixture file: 'train: W START:END PREFIX, ...' with weights by pairs/tokens/uniform."""
+def write_mixture(path: str, metas: Dict[str, dict], prefixes: Dict[str, str], weighting: str, span: str,
+                  name: str = "train", per_group: bool = False) -> str:
+    """A bigscience mixture file, '"NAME: W START:END PREFIX, ..."' on one line, weights by pairs/tokens/uniform.
+
+    ``per_group`` writes '"NAME_<group>: 1 START:END PREFIX" "NAME_<group2>: ..."' instead.
+    """
     groups = sorted(metas)
     if weighting == "pairs":
         weights = [metas[g]["num_pairs"] for g in groups]
@@ -198,16 +214,22 @@ def write_mixture(path: str, metas: Dict[str, dict], prefixes: Dict[str, str], w
     else:
         weights = [1.0] * len(groups)
     total = float(sum(weights))
-    entries = [f"{w / total:.6g} {span} {prefixes[g]}" for g, w in zip(groups, weights)]
-    line = "train: " + ", ".join(entries)
-    atomic_write_text(path, line + "\n")
+    try:
+        if per_group:
+            texts = [weighted_split_group_text(f"{name}_{safe_name(g)}", [(1.0, span, prefixes[g])]) for g in groups]
+        else:
+            texts = [weighted_split_group_text(name, [(w / total, span, prefixes[g]) for g, w in zip(groups, weights)])]
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    atomic_write_text(path, weighted_split_paths_file_text(texts))
     return path
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="jsonl/jsonl.gz files or folders of them (one folder per language)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.{bin,idx,pairs.npy,pairs.json} (or PREFIX_<name>.* per group)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.{bin,idx,pairs.npy,pairs.json} (or PREFIX_<name>.* "
+                   "per group; see --output-format)")
     p.add_argument("--tokenizer-name-or-path", required=True, help="tokenizer folder, tokenizer.json, or Hub name")
     p.add_argument("--prepend-space", action="store_true", help="put a space before every target before tokenizing it")
     p.add_argument("--split-by", choices=["none", "language", "file"], default="none",
@@ -215,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture-weights", choices=["pairs", "tokens", "uniform"], default="pairs",
                    help="weights written to PREFIX.mixture.txt with --split-by (default: by number of pairs)")
     p.add_argument("--mixture-range", default="0:1", help="START:END fraction of each dataset in the mixture file")
+    p.add_argument("--mixture-name", default="train", help="group name in the mixture file (default train)")
+    p.add_argument("--mixture-per-group", action="store_true",
+                   help="one mixture group per language/file, named NAME_<group> (a validation mixture)")
+    p.add_argument("--output-format", choices=["paired", FORMAT_MDS], default="paired",
+                   help="paired: PREFIX.{bin,idx,pairs.npy,pairs.json}; megatron-deepspeed: "
+                        "PREFIX_inputs_document.{bin,idx} + PREFIX_targets_document.{bin,idx}")
     p.add_argument("--batch-size", type=int, default=1000, help="rows per tokenizer call")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
     return p

@@ -281,6 +281,50 @@ def parse_weighted_split_paths(values: Union[str, Sequence[str]], option: str = 
     return groups
 
 
+def weighted_split_group_text(name: str, entries: Sequence[Tuple[float, str, str]]) -> str:
+    """'NAME: W START:END PATH, W START:END PATH' from (weight, 'START:END', path) entries.
+
+    Refuses what Megatron-DeepSpeed's parser would misread: a name with a colon, space or quote, a
+    path with a space, comma or quote (it splits entries on commas and fields on whitespace).
+    """
+    if not name or re.search(r'[\s:"]', name):
+        raise ValueError(f"mixture group name {name!r} must be one word without ':' or quotes")
+    parts = []
+    for weight, span, path in entries:
+        if not path or re.search(r'[\s,"]', path):
+            raise ValueError(f"mixture path {path!r} holds whitespace, a comma or a quote, which "
+                             f"Megatron-DeepSpeed's --*-weighted-split-paths parser splits on; rename it")
+        _parse_range(span, f"mixture group {name!r}")
+        parts.append(f"{float(weight):.10g} {span} {path}")
+    if not parts:
+        raise ValueError(f"mixture group {name!r} has no entry")
+    return f"{name}: " + ", ".join(parts)
+
+
+def weighted_split_paths_file_text(groups: Sequence[str]) -> str:
+    """A bigscience mixture file: ONE line of double-quoted groups separated by one space, then a newline.
+
+    That is the only shape Megatron-DeepSpeed's ``--*-weighted-split-paths-path`` accepts (it checks
+    the first character is '"', the line ends with '"' and a newline, and splits on '" "').
+    """
+    if not groups:
+        raise ValueError("a mixture file needs at least one group")
+    return '"' + '" "'.join(groups) + '"\n'
+
+
+def split_mixture_line(line: str) -> List[str]:
+    """Groups of one mixture-file line: '"G1" "G2" ...' (bigscience's shape), a quoted group, or a bare group."""
+    text = line.strip()
+    if not text:
+        return []
+    quote = text[0]
+    if quote not in "'\"":
+        return [text]
+    if len(text) < 2 or text[-1] != quote:
+        raise ValueError(f"line starts with {quote} but does not end with it: {text[:60]!r}...")
+    return [g.strip() for g in re.split(quote + r"\s+" + quote, text[1:-1])]
+
+
 # --------------------------------------------------------------------------------------------------
 # Builders (open the .bin/.idx files; everything above is pure)
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,15 @@
-"""Finetuning datasets: paired datasets (data/xp3.py) packed into rows (data/packing.py), per split group.
+"""Finetuning datasets: prompt/answer pairs packed into rows, per split group.
+
+A mixture prefix is either our paired dataset (data/xp3.py) or Megatron-DeepSpeed's two files
+``PREFIX_inputs_document`` + ``PREFIX_targets_document`` (data/mtf.py); ``mtf.open_pairs`` detects
+which. The packing follows the format unless ``finetune.packing`` (when the config has it) says
+otherwise (see ``packing_mode``):
+
+* Megatron-DeepSpeed pairs are packed as its DecoderPackedMTFDataset does (mtf.MTFPackedRows:
+  seeded per-epoch shuffles with the run seed, greedy in-order packing, overlong pairs skipped),
+  so a BLOOMZ recipe sees the rows it saw there;
+* our own paired datasets keep best-fit-decreasing packing (packing.PackedRows: less padding,
+  overlong pairs truncated or skipped by ``--overlong``).
 
 A "sample" is a packed row of ``seq_length`` tokens. Each row knows its target token and target
 sequence counts (``row_counts``), from the packing plan alone, so every rank can normalise the
@@ -14,6 +25,39 @@ import numpy as np
 from megatron_bloom.config.schema import RunConfig
 from megatron_bloom.data.mixtures import weighted_split_paths
 from megatron_bloom.errors import UserError
+
+
+PACKING_MODES = ("auto", "mtf", "best-fit")
+
+
+def packing_mode(cfg: RunConfig, pairs) -> str:
+    """'mtf' or 'best-fit' for a dataset: ``finetune.packing`` if set (auto when absent), else by its format."""
+    from megatron_bloom.data.mtf import FORMAT_MDS
+
+    mode = getattr(cfg.finetune, "packing", None) or "auto"
+    if mode not in PACKING_MODES:
+        raise UserError(f"packing {mode!r} must be one of {', '.join(PACKING_MODES)}")
+    if mode == "auto":
+        return "mtf" if getattr(pairs, "format", None) == FORMAT_MDS else "best-fit"
+    return mode
+
+
+def pad_id_for(cfg: RunConfig):
+    """The pad id written into padding of Megatron-DeepSpeed pairs (their files record none):
+    --tokenizer-name-or-path's, else that of a --pretrained folder holding a tokenizer, else None
+    (mtf.BLOOM_PAD_ID). Only cosmetic: padding carries segment id 0 and no loss."""
+    from megatron_bloom.data.tokenizer import load_tokenizer
+
+    sources = [cfg.data.tokenizer_name_or_path] if cfg.data.tokenizer_name_or_path else []
+    pretrained = cfg.finetune.pretrained
+    if pretrained and os.path.isfile(os.path.join(pretrained, "tokenizer.json")):
+        sources.append(pretrained)
+    for source in sources:
+        try:
+            return load_tokenizer(source).pad_id
+        except Exception:  # an unloadable tokenizer is reported by the preflight, not here
+            continue
+    return None
 
 
 def row_counts(dataset, k: int) -> Tuple[int, int]:
@@ -50,19 +94,24 @@ def build_finetune_datasets(cfg: RunConfig, train_rows: int, valid_rows: int):
     )
     from megatron_bloom.data.gpt_dataset import split_boundaries
     from megatron_bloom.data.indexed_dataset import IndexedDatasetError
+    from megatron_bloom.data.mtf import MTFPackedRows, open_pairs
     from megatron_bloom.data.packing import PackedRows
-    from megatron_bloom.data.xp3 import PairedDataset
 
     d, seed, seq = cfg.data, cfg.training.seed, cfg.model.seq_length
     train_groups, valid_groups = weighted_split_paths(cfg)
     # (group name, [(weight, prefix, first fraction or None, last, index range from --split)])
     plans: List[Tuple[str, list]] = []
     valid_plans: List[Tuple[str, list]] = []
-    opened: Dict[str, PairedDataset] = {}
+    opened: Dict[str, object] = {}
+    pad: list = []
 
-    def paired(prefix: str) -> PairedDataset:
+    def paired(prefix: str):
         if prefix not in opened:
-            opened[prefix] = PairedDataset(prefix)
+            from megatron_bloom.data.mtf import FORMAT_MDS, pair_format
+
+            if pair_format(prefix) == FORMAT_MDS and not pad:
+                pad.append(pad_id_for(cfg))
+            opened[prefix] = open_pairs(prefix, pad[0] if pad else None)
         return opened[prefix]
 
     try:
@@ -89,7 +138,8 @@ def build_finetune_datasets(cfg: RunConfig, train_rows: int, valid_rows: int):
                 raise UserError(f"--split {d.split} leaves some --data-path datasets without training pairs")
         else:
             raise UserError("no finetuning data: give --data-path PREFIX (paired datasets from "
-                            "data_tools/preprocess_xp3.py) or --train-weighted-split-paths(-path)")
+                            "data_tools/preprocess_xp3.py, or Megatron-DeepSpeed's PREFIX_inputs_document + "
+                            "PREFIX_targets_document) or --train-weighted-split-paths(-path)")
         names = GroupNames(list(opened.values()))
         report: List[str] = []
 
@@ -102,8 +152,12 @@ def build_finetune_datasets(cfg: RunConfig, train_rows: int, valid_rows: int):
                 pd = paired(prefix)
                 lang_map, task_map = names.maps(pd)
                 label = f"{split}/{name}/{os.path.basename(prefix)}[{first}:{last}]"
-                part = PackedRows(pd, first, last, n, seq, [seed, 0 if split == "train" else 1, gi, ci],
-                                  cfg.finetune.overlong, lang_map, task_map, name=label)
+                if packing_mode(cfg, pd) == "mtf":
+                    # Megatron-DeepSpeed seeds every dataset of every split with the run seed itself.
+                    part = MTFPackedRows(pd, first, last, n, seq, seed, lang_map, task_map, name=label)
+                else:
+                    part = PackedRows(pd, first, last, n, seq, [seed, 0 if split == "train" else 1, gi, ci],
+                                      cfg.finetune.overlong, lang_map, task_map, name=label)
                 report.append(part.stats.line(label) + f"; {part.epochs} pass(es) for {n:,} rows")
                 parts.append(part)
             if len(parts) == 1:

@@ -12,8 +12,9 @@ has one row per document. Files are written as ``*.tmp`` and renamed into place,
 
 Mixtures reuse Megatron's flags (blends.py): ``--data-path W1 P1 W2 P2`` or
 ``--train-weighted-split-paths "train: W START:END PREFIX, ..."`` where START:END are fractions of
-each prefix's pairs, and bigscience's mixture files (one group per line, see
-``read_weighted_split_paths_file``).
+each prefix's pairs, and bigscience's mixture files (see ``read_weighted_split_paths_file``).
+A mixture prefix may also name Megatron-DeepSpeed's two-file pairs (``PREFIX_inputs_document`` +
+``PREFIX_targets_document``, see mtf.py); ``mtf.open_pairs`` opens either format.
 """
 from __future__ import annotations
 
@@ -208,23 +209,27 @@ class PairedDatasetWriter:
 
 
 def read_weighted_split_paths_file(path: str, option: str) -> List[str]:
-    """Groups of a bigscience mixture file: one ``NAME: W START:END PATH, ...`` group per line.
+    """Groups of a mixture file for ``--train/valid-weighted-split-paths-path``.
 
-    Blank lines and ``#`` comments are ignored; a group may be wrapped in quotes (as when it was
-    copied from a shell script). Relative PATHs are taken relative to the current directory, as
-    they would be on the command line.
+    bigscience's files (and ours, see blends.weighted_split_paths_file_text) are ONE line of
+    double-quoted groups separated by spaces: ``"train: W START:END PATH, ..."`` or
+    ``"validation_en: ..." "validation_fr: ..."``, as Megatron-DeepSpeed reads them. Also accepted:
+    one group per line, quoted or not, blank lines and ``#`` comments. Relative PATHs are taken
+    relative to the current directory, as they would be on the command line.
     """
+    from megatron_bloom.data.blends import split_mixture_line
+
     if not os.path.isfile(path):
         raise ValueError(f"{option} {path}: no such file")
     groups = []
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            text = line.strip()
-            if not text or text.startswith("#"):
+        for line_no, line in enumerate(fh, 1):
+            if line.strip().startswith("#"):
                 continue
-            if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-                text = text[1:-1].strip()
-            groups.append(text)
+            try:
+                groups.extend(g for g in split_mixture_line(line) if g)
+            except ValueError as exc:
+                raise ValueError(f"{option} {path}:{line_no}: {exc}") from None
     if not groups:
-        raise ValueError(f"{option} {path}: the file holds no group; write 'NAME: W START:END PATH, ...' lines")
+        raise ValueError(f"{option} {path}: the file holds no group; write '\"NAME: W START:END PATH, ...\"'")
     return groups
