@@ -5,7 +5,10 @@
 
 Takes the pretraining flags (``--help`` lists them) plus ``--pretrained`` (a native checkpoint at
 any layout, or a transformers BLOOM folder, converted once into ``<save>/pretrained``),
-``--norm-target-loss`` and ``--overlong truncate|skip``. Unless a flag or the YAML says otherwise:
+``--overlong truncate|skip`` and the loss flags of Megatron-DeepSpeed's finetune_t0.py:
+``--norm-target-loss``, ``--eod-mask-loss``, ``--loss-on-targets-only`` (always the case) and
+``--loss-normalization micro-batch|global-batch`` (per micro-batch means as finetune_t0.py by default,
+or the exact global-batch mean). Unless a flag or the YAML says otherwise:
 BLOOMZ's Adam betas 0.9/0.95, lr 2e-5 constant without warmup, weight decay 1e-4, clipping 1.0,
 and the architecture of ``--pretrained``. Data are paired datasets from
 data_tools/preprocess_xp3.py. Rerunning the same command resumes the finetune's own checkpoint

@@ -164,7 +164,15 @@ class FinetuneConfig:
     pretrained: Optional[str] = None
     """Weights to start from: a native checkpoint (any layout) or a transformers BLOOM folder; ignored once --load holds the finetune's own checkpoint."""
     norm_target_loss: bool = False
-    """Every target sequence weighs the same in the loss (BLOOMZ), instead of every target token."""
+    """Every target weighs the same in the loss instead of every target token (BLOOMZ's --norm-target-loss). With loss_normalization micro-batch (finetune_t0.py): a token weighs 1/L, L the length of its run of consecutive loss-bearing positions in the micro-batch's flattened mask, and the micro-batch's loss is divided by its number of runs (a run is one target, unless eod_mask_loss splits it or, with Megatron-DeepSpeed packing, a target ending a row touches one starting the next row of the micro-batch). With global-batch: a token of a target of n tokens weighs 1/n and the global batch's sum is divided by its number of targets."""
+    loss_normalization: str = "micro-batch"
+    """What a step's loss averages over. 'micro-batch' (Megatron-DeepSpeed's finetune_t0.py): each micro-batch's loss is its own mean over its loss-bearing tokens (or target runs with norm_target_loss) and DeepSpeed averages those over accumulation steps and DP ranks, so which rows share a micro-batch (micro_batch_size) changes the numbers. 'global-batch': the exact mean over the whole global batch (counts from the packing plan), the same for every micro-batch size, accumulation and DP size; refuses eod_mask_loss."""
+    eod_mask_loss: bool = False
+    """No loss at positions whose input token is the EOD id (Megatron-DeepSpeed's --eod-mask-loss as finetune_t0.py applies it, on top of the targets-only mask). Changes something only where an EOD token is followed by a target token: an input ending in EOD (its first target token is then not trained) or an EOD inside a target (which then counts as two runs with norm_target_loss); each target's final EOD is still predicted. The EOD id comes from the paired datasets; needs loss_normalization micro-batch."""
+    loss_on_targets_only: bool = False
+    """Accepted for Megatron-DeepSpeed command lines; changes nothing: the finetuning loss always covers target tokens only (finetune_t0.py masks inputs and padding whatever this flag says; Megatron-DeepSpeed reads it only for prefix-LM masks, which BLOOMZ did not use)."""
+    reweight_loss_based_on_position_frequency: bool = False
+    """Refused: in Megatron-DeepSpeed it only changes the prefix-LM loss's divisor (with a prefix attention mask and loss_on_targets_only: (s+2)/3 instead of (s+1)/2 expected target tokens per row of s); finetune_t0.py's packed causal mask (BLOOMZ's, the one here) never reads it."""
     overlong: str = "truncate"
     """Pairs longer than seq_length: 'truncate' their inputs from the left (the target is kept) or 'skip' them; both are counted and reported."""
 

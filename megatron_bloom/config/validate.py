@@ -15,6 +15,7 @@ from .schema import RunConfig
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ATTENTION_IMPLS = ("sdpa", "eager")
 NAN_POLICIES = ("stop", "skip")
+LOSS_NORMALIZATIONS = ("micro-batch", "global-batch")
 
 
 def _divisors(n: int, limit: int) -> List[int]:
@@ -181,6 +182,7 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
             raise UserError("give exactly one of train_iters (--train-iters) or train_samples (--train-samples)")
         if t.train_iters is not None and t.rampup_batch_size is not None:
             raise UserError("rampup_batch_size needs train_samples (--train-samples), not train_iters")
+    _check_finetune_loss(cfg)
     if cfg.logging.log_interval < 1 or cfg.logging.eval_interval < 1:
         raise UserError("log_interval and eval_interval must be >= 1")
     if for_training:
@@ -189,3 +191,17 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
             if problem:
                 raise UserError(f"{flag} {path} cannot be created: {problem}; choose a writable folder")
     return cfg
+
+
+def _check_finetune_loss(cfg: RunConfig) -> None:
+    """The finetuning loss flags: one known normalisation, and no flag that could only be ignored."""
+    f = cfg.finetune
+    if f.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise UserError(f"loss_normalization='{f.loss_normalization}' is not one of {', '.join(LOSS_NORMALIZATIONS)} "
+                        f"(--loss-normalization micro-batch|global-batch)")
+    if f.reweight_loss_based_on_position_frequency:
+        raise UserError("--reweight-loss-based-on-position-frequency only changes Megatron-DeepSpeed's prefix-LM loss "
+                        "divisor; finetuning uses finetune_t0.py's packed causal mask, where it changes nothing; drop it")
+    if f.eod_mask_loss and f.loss_normalization == "global-batch":
+        raise UserError("--eod-mask-loss needs --loss-normalization micro-batch: the global-batch mean counts target "
+                        "tokens from the packing plan, which masking EOD positions would make wrong")

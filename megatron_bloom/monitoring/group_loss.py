@@ -12,8 +12,11 @@ class GroupLossMeter:
 
     The finetuning loss (training/losses.py) feeds it every micro-batch on the last pipeline stage;
     ``reduce`` adds up every rank's sums (a collective: every rank calls it at the same points) and
-    returns per-group means, which are token means (or per-sequence means with --norm-target-loss)
-    over everything seen.
+    returns per-group means over everything seen: token means, or with --norm-target-loss means over
+    targets (each target's tokens weigh 1/its length; under --loss-normalization micro-batch a
+    target is a run of loss-bearing positions, see training/data.run_normalized). Both
+    --loss-normalization modes give the same group means: they differ only in how a step's loss
+    divides, which the meter does not use.
     """
 
     def __init__(self, sizes: Sequence[int]):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bloom.config.schema import RunConfig
+from megatron_bloom.config.validate import LOSS_NORMALIZATIONS
 from megatron_bloom.data.finetune import row_counts
 from megatron_bloom.data.mixtures import weighted_split_paths
 from megatron_bloom.data.samplers import PretrainingSampler
@@ -101,22 +102,66 @@ def pretraining_micro_batch(rows: Sequence[dict], first: int, vocab_size: int) -
     return inputs, (labels, torch.ones(labels.shape, dtype=torch.float32))
 
 
+def run_normalized(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (any shape) with each value divided by the length of its run of equal values in the
+    flattened mask: [0,1,1,0,1] -> [0, .5, .5, 0, 1], so every run of ones sums to 1.
+
+    This is finetune_t0.py's ``fast_normalize`` under ``--norm-target-loss``: runs are counted over
+    the micro-batch flattened row after row, so a target ending one row and a target starting the
+    next count as ONE run. That happens with Megatron-DeepSpeed's packing (data/mtf.py: a row filled
+    to its last token, then a row whose first pair has a one-token input), as it did there; never
+    with best-fit rows (data/packing.py), whose last position predicts nothing.
+    """
+    flat = mask.reshape(-1)
+    if flat.numel() == 0:
+        return mask.clone()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    run_id = torch.cumsum(starts.long(), 0) - 1
+    lengths = torch.bincount(run_id)  # int64, one per run
+    return (flat / lengths[run_id]).reshape(mask.shape)
+
+
 def finetune_micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,
-                           dp_size: int, dp_rank: int, vocab_size: int, norm_target_loss: bool) -> list:
+                           dp_size: int, dp_rank: int, vocab_size: int, norm_target_loss: bool,
+                           normalization: str = "global-batch", eod_id: Optional[int] = None) -> list:
     """This DP rank's finetuning micro-batches of the step starting at ``consumed_samples`` (packed rows).
 
-    Each is ``((input_ids, segment_ids), (labels, loss_weights, scale, language, task))``. With T
-    target tokens in the whole global batch (or S target sequences under ``norm_target_loss``,
-    each token of a target of length n then weighing 1/n), ``scale = G * DP / T`` (or ``/ S``) for G
-    micro-batches per rank: DeepSpeed's mean over micro-batches and DP ranks of ``sum(weights *
-    losses) * scale`` is then the global mean, whatever the micro-batch size, accumulation and DP size.
+    Each is ``((input_ids, segment_ids), (labels, loss_weights, norm, language, task))``, for
+    ``training/losses.FinetuningLoss``: the micro-batch's loss is ``sum(weights * losses) * norm[0]``,
+    divided by ``sum(weights)`` when ``norm[1]`` is 1.
+
+    * ``normalization="micro-batch"`` (``--loss-normalization``'s default; Megatron-DeepSpeed's
+      finetune_t0.py): ``norm = [1, 1]``, so each micro-batch returns its own mean. The weights are
+      the targets-only loss mask, times ``tokens != eod_id`` when ``eod_id`` is given
+      (``--eod-mask-loss``), and under ``norm_target_loss`` that mask ``run_normalized`` over the
+      flattened micro-batch: the divisor ``sum(weights)`` is then the number of target runs in the
+      micro-batch. DeepSpeed averages those means over the micro-batches and DP ranks.
+    * ``normalization="global-batch"`` (the default of this function, for callers that predate the
+      flag): with T target tokens in the whole global batch (or S target sequences under
+      ``norm_target_loss``, each token of a target of length n then weighing 1/n), ``norm =
+      [G * DP / T (or / S), 0]`` for G micro-batches per rank: DeepSpeed's mean over micro-batches
+      and DP ranks is then the global mean, whatever the micro-batch size, accumulation and DP size.
+      T and S come from the packing plan, so ``eod_id`` (which would change them) is refused.
+
+    Target tokens equal to the pad id are trained (finetune_t0.py also drops ``labels == pad``:
+    tokenizers never produce BLOOM's ``<pad>`` from text, and padding positions bear no loss here).
     """
-    n = len(dataset)
-    num_micro = global_batch_size // (micro_batch_size * dp_size)
-    counts = np.array([row_counts(dataset, (consumed_samples + i) % n) for i in range(global_batch_size)])
-    total = int(counts[:, 1 if norm_target_loss else 0].sum())
-    # float64 then one rounding: the factor every layout multiplies its partial sums by.
-    scale = torch.tensor([num_micro * dp_size / total if total else 0.0], dtype=torch.float64).float()
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r} is not one of {', '.join(LOSS_NORMALIZATIONS)}")
+    per_micro_batch = normalization == "micro-batch"
+    if eod_id is not None and not per_micro_batch:
+        raise UserError("--eod-mask-loss needs --loss-normalization micro-batch")
+    if per_micro_batch:
+        norm = torch.tensor([1.0, 1.0], dtype=torch.float32)
+    else:
+        n = len(dataset)
+        num_micro = global_batch_size // (micro_batch_size * dp_size)
+        counts = np.array([row_counts(dataset, (consumed_samples + i) % n) for i in range(global_batch_size)])
+        total = int(counts[:, 1 if norm_target_loss else 0].sum())
+        # float64 then one rounding: the factor every layout multiplies its partial sums by.
+        scale = torch.tensor([num_micro * dp_size / total if total else 0.0], dtype=torch.float64).float()
+        norm = torch.cat([scale, torch.zeros(1)])
 
     def collate(rows: Sequence[dict], first: int, vocab_size: int):
         b = {key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]}  # [mbs, s] each
@@ -124,8 +169,15 @@ def finetune_micro_batches(dataset, consumed_samples: int, global_batch_size: in
         if top >= vocab_size:
             raise UserError(f"finetuning row {first} holds token id {top} >= vocab_size {vocab_size}: the pairs were "
                             f"tokenized with a larger vocabulary; re-preprocess them or set --vocab-size")
-        weights = b["sequence_weight"] if norm_target_loss else b["loss_mask"]
-        return (b["tokens"], b["segment_ids"]), (b["labels"], weights, scale, b["language"], b["task"])
+        if per_micro_batch:
+            weights = b["loss_mask"].float()
+            if eod_id is not None:
+                weights = weights * (b["tokens"] != eod_id)
+            if norm_target_loss:
+                weights = run_normalized(weights)
+        else:
+            weights = b["sequence_weight"] if norm_target_loss else b["loss_mask"]
+        return (b["tokens"], b["segment_ids"]), (b["labels"], weights, norm, b["language"], b["task"])
 
     return micro_batches_for_step(dataset, consumed_samples, global_batch_size, micro_batch_size, dp_size, dp_rank,
                                   vocab_size, collate)

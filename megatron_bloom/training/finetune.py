@@ -11,15 +11,20 @@ Same loop, checkpoints, stops and monitoring as pretraining (``Trainer``), with 
 * **data**: paired datasets (``data/xp3.py``) packed into rows of ``seq_length``
   (``data/packing.py``, built by ``data/finetune.py``); a "sample" is a packed row, so ``--global-batch-size``,
   ``--train-samples`` and ``consumed_samples`` count rows, as in Megatron-DeepSpeed's MTF.
-* **loss**: exact global means. With T target tokens in the whole global batch, the token-mean
-  loss is ``sum(token losses) / T``; with ``--norm-target-loss`` each token of a target of length
-  n weighs ``1/n`` and the sum is divided by the number S of target sequences in the global batch.
-  DeepSpeed reports and differentiates ``mean over DP ranks of mean over the G micro-batches of
-  each micro-batch's loss``, so micro-batch j returns ``sum_j(weights * losses) * G * DP / T``
-  (or ``/ S``); the two means then undo the ``G * DP`` factor and the result is the global mean,
-  whatever the micro-batch size, accumulation and DP size. T and S come from the packing plan
-  (no tokens read), so every rank knows them for the whole global batch
-  (``training/data.finetune_micro_batches``, ``training/losses.FinetuningLoss``).
+* **loss**: on target tokens only, normalised as ``--loss-normalization`` says.
+  ``micro-batch`` (default) is Megatron-DeepSpeed's finetune_t0.py with GPTModelPipe's
+  CrossEntropy (the custom packed mask, not the prefix-LM branch): each micro-batch returns
+  ``sum(losses * mask) / sum(mask)``, the mask being the target tokens (minus positions whose input
+  is EOD under ``--eod-mask-loss``), and under ``--norm-target-loss`` that mask divided by the
+  length of each run of ones in the flattened micro-batch, so ``sum(mask)`` counts target runs;
+  DeepSpeed averages the micro-batch losses over accumulation steps and DP ranks.
+  ``global-batch`` gives exact global means instead: with T target tokens in the whole global batch,
+  ``sum(token losses) / T``; with ``--norm-target-loss`` each token of a target of length n weighs
+  ``1/n`` and the sum is divided by the number S of target sequences in the global batch. Micro-batch
+  j returns ``sum_j(weights * losses) * G * DP / T`` (or ``/ S``) for G micro-batches per rank;
+  DeepSpeed's two means undo the ``G * DP`` factor, whatever the micro-batch size, accumulation and
+  DP size. T and S come from the packing plan (no tokens read), so every rank knows them for the
+  whole global batch (``training/data.finetune_micro_batches``, ``training/losses.FinetuningLoss``).
 * **reporting**: per language and per task (xP3's ``dataset``) training and validation loss,
   (``monitoring/group_loss.py``), through ``TrainingMonitor.log_scalars``.
 """
@@ -85,6 +90,60 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
     return cfg, world_size
 
 
+def eod_id_of(datasets: Sequence, tokenizer: Optional[str] = None) -> int:
+    """The EOD id --eod-mask-loss masks: the one the paired datasets under these (blended) packed
+    rows record; when some record none (Megatron-DeepSpeed's pairs), the EOS of ``tokenizer`` too,
+    as finetune_t0.py takes ``tokenizer.eod``. Several ids, or none, are refused."""
+    found = set()
+
+    def walk(d) -> None:
+        if hasattr(d, "datasets"):  # a blend
+            for part in d.datasets:
+                walk(part)
+        else:
+            found.add(getattr(getattr(d, "paired", d), "eod_id", None))
+
+    for d in datasets:
+        walk(d)
+    if None in found and tokenizer:
+        from megatron_bloom.data.tokenizer import load_tokenizer
+
+        try:
+            found.add(load_tokenizer(tokenizer).eod_id)
+        except Exception as exc:  # TokenizerLoadError, OSError, a hub name offline
+            raise UserError(f"--eod-mask-loss needs the EOD id and the tokenizer {tokenizer} did not load: "
+                            f"{str(exc).splitlines()[0]}") from None
+    known = sorted(found - {None})
+    if len(known) > 1:
+        raise UserError(f"--eod-mask-loss: the paired datasets and tokenizer give different EOD ids "
+                        f"({', '.join(map(str, known))}); preprocess the pairs with the run's tokenizer")
+    if not known:
+        raise UserError("--eod-mask-loss needs the EOD id: the paired datasets record none; give "
+                        "--tokenizer-name-or-path (or a --pretrained folder holding tokenizer.json)")
+    return int(known[0])
+
+
+def _tokenizer_source(cfg: RunConfig) -> Optional[str]:
+    """--tokenizer-name-or-path, else a --pretrained folder that holds a tokenizer.json."""
+    if cfg.data.tokenizer_name_or_path:
+        return cfg.data.tokenizer_name_or_path
+    src = cfg.finetune.pretrained
+    return src if src and os.path.isfile(os.path.join(src, "tokenizer.json")) else None
+
+
+def loss_description(f, eod_id: Optional[int]) -> str:
+    """One line saying what the finetuning loss averages, for the start-up log."""
+    if f.loss_normalization == "global-batch":
+        unit = "target sequences (--norm-target-loss)" if f.norm_target_loss else "target tokens"
+        text = f"exact mean over the global batch's {unit} (--loss-normalization global-batch)"
+    else:
+        unit = "target runs (--norm-target-loss)" if f.norm_target_loss else "target tokens"
+        text = f"mean over each micro-batch's {unit}, averaged over micro-batches and DP ranks (finetune_t0.py)"
+    if eod_id is not None:
+        text += f"; no loss where the input token is EOD ({eod_id}, --eod-mask-loss)"
+    return text
+
+
 class FinetuneTrainer(Trainer):
     """``Trainer`` with the finetuning start, data, loss normalisation and per-group reporting."""
 
@@ -92,6 +151,7 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig):
         self.pretrained_source: Optional[str] = None
+        self.eod_id: Optional[int] = None
         super().__init__(cfg)
         loss_fn = self.engine.module.loss_fn
         sizes = (len(self.names.languages), len(self.names.tasks))
@@ -137,14 +197,18 @@ class FinetuneTrainer(Trainer):
         train, valid, self.names, report = build_finetune_datasets(self.cfg, train_samples, valid_samples)
         for line in report:
             log0("> " + line)
+        f = self.cfg.finetune
+        self.eod_id = eod_id_of([train, *valid.values()], _tokenizer_source(self.cfg)) if f.eod_mask_loss else None
+        log0(f"> loss: {loss_description(f, self.eod_id)}")
         return train, valid
 
     def _batches(self, dataset, consumed: int, gbs: int):
         if not self.engine.reads_data:
             return []
-        t = self.cfg.training
+        t, f = self.cfg.training, self.cfg.finetune
         return finetune_micro_batches(dataset, consumed, gbs, t.micro_batch_size, self.state.dims.dp,
-                                      self.state.dp_rank, self.cfg.model.vocab_size, self.cfg.finetune.norm_target_loss)
+                                      self.state.dp_rank, self.cfg.model.vocab_size, f.norm_target_loss,
+                                      f.loss_normalization, self.eod_id)
 
     # ---- reporting ---------------------------------------------------------------------------
 

@@ -15,8 +15,12 @@ EOD = 2
 GBS = 8
 
 
-def write_pairs(prefix: str, n: int = 48, seed: int = 0) -> None:
-    """Random pairs of varied lengths (a few longer than a row), two languages, three tasks."""
+def write_pairs(prefix: str, n: int = 48, seed: int = 0, eod_inside: bool = False) -> None:
+    """Random pairs of varied lengths (a few longer than a row), two languages, three tasks.
+
+    ``eod_inside``: also EOD where --eod-mask-loss changes the loss: every 4th pair's input ends
+    with EOD (from pair 1 on) and every 4th target holds one before its final EOD (from pair 2 on).
+    """
     rng = np.random.RandomState(seed)
     writer = PairedDatasetWriter(prefix, np.uint16, {"eod_id": EOD, "pad_id": 3})
     inputs, targets, langs, tasks = [], [], [], []
@@ -25,6 +29,10 @@ def write_pairs(prefix: str, n: int = 48, seed: int = 0) -> None:
         n_tg = int(rng.randint(1, 8))
         inputs.append(rng.randint(4, VOCAB, size=n_in))
         targets.append(np.append(rng.randint(4, VOCAB, size=n_tg), EOD))
+        if eod_inside and i % 4 == 1:
+            inputs[-1][-1] = EOD
+        if eod_inside and i % 4 == 2:
+            targets[-1][n_tg // 2] = EOD
         langs.append(["en", "fr"][i % 2])
         tasks.append(["qa", "sum", "trans"][i % 3])
     writer.add_pairs(inputs, targets, langs, tasks, [""] * n)
@@ -63,7 +71,8 @@ def _changed_copy(tokens, segment_ids, row, segment):
 
 
 def run(prefix, tp, pp, zero, mbs, manual=False, isolation=False):
-    """Eval losses (both modes), a token-mean step and a per-sequence step; optional checks."""
+    """Eval losses (both modes), a token-mean step and a per-sequence step, all normalised over the
+    global batch (--loss-normalization global-batch); optional checks."""
     from megatron_bloom.training.engine import BloomEngine
     from megatron_bloom.monitoring.group_loss import GroupLossMeter
     from megatron_bloom.training.data import finetune_micro_batches
@@ -80,13 +89,13 @@ def run(prefix, tp, pp, zero, mbs, manual=False, isolation=False):
     def batches(norm, consumed):
         if not engine.reads_data:
             return []
-        return finetune_micro_batches(rows, consumed, GBS, mbs, dp, dp_rank, VOCAB, norm)
+        return finetune_micro_batches(rows, consumed, GBS, mbs, dp, dp_rank, VOCAB, norm, "global-batch")
 
     out = {}
     if manual:  # the global means straight from the definition, before any update
-        full = finetune_micro_batches(rows, 0, GBS, GBS, 1, 0, VOCAB, False)[0]
+        full = finetune_micro_batches(rows, 0, GBS, GBS, 1, 0, VOCAB, False, "global-batch")[0]
         (tokens, seg), (labels, mask, _, _, _) = full
-        weight = finetune_micro_batches(rows, 0, GBS, GBS, 1, 0, VOCAB, True)[0][1][1]
+        weight = finetune_micro_batches(rows, 0, GBS, GBS, 1, 0, VOCAB, True, "global-batch")[0][1][1]
         with torch.no_grad():
             engine.engine.eval()
             from megatron_bloom.layers import vocab_parallel_cross_entropy
@@ -156,3 +165,58 @@ def _isolation(engine, state, rows, pp, mbs):
             worst = max(worst, float((logits_alone[0] - alone).abs().max()))
         result["alone_max_abs_diff"] = worst
     return result
+
+
+T0_MODES = {
+    # name: (--norm-target-loss, --eod-mask-loss)
+    "default": (False, False),
+    "norm-target-loss": (True, False),
+    "eod-mask-loss": (False, True),
+    "norm-target-loss+eod-mask-loss": (True, True),
+}
+T0_ROWS = 4 * GBS
+
+
+def _full_logits(engine, state, tokens, segment_ids):
+    """Logits [b, s, padded vocab] of one forward (PP=1), gathered over the TP group."""
+    with torch.no_grad():
+        engine.engine.eval()
+        part = _logits_pp1(engine, tokens, segment_ids).float()
+    if state.dims.tp == 1:
+        return part
+    parts = [torch.empty_like(part) for _ in range(state.dims.tp)]
+    dist.all_gather(parts, part.contiguous(), group=state.tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def run_t0(prefix, tp, mbs):
+    """One training step per T0_MODES entry (--loss-normalization micro-batch) at PP=1, each on the
+    next global batch: before it, the logits of the whole global batch (for a reference loss computed
+    by the test), the evaluation loss, then the step's loss and its per-language/task means."""
+    from megatron_bloom.monitoring.group_loss import GroupLossMeter
+    from megatron_bloom.training.data import finetune_micro_batches
+    from megatron_bloom.training.engine import BloomEngine
+    from megatron_bloom.training.losses import FinetuningLoss
+
+    cfg = tiny_config(tp, 1, 1, mbs)
+    validate_config(cfg, dist.get_world_size())
+    state = init_distributed(tp, 1, backend="gloo")
+    engine = BloomEngine(cfg, state, loss_class=FinetuningLoss)
+    meter = engine.module.loss_fn.meter = GroupLossMeter((2, 3))
+    paired = PairedDataset(prefix)
+    rows = PackedRows(paired, 0, len(paired), T0_ROWS, SEQ, seed=5)
+    dp, dp_rank = state.dims.dp, state.dp_rank
+    out = {}
+    for i, (name, (norm, eod_mask)) in enumerate(T0_MODES.items()):
+        consumed = i * GBS
+        eod = paired.eod_id if eod_mask else None
+        batches = finetune_micro_batches(rows, consumed, GBS, mbs, dp, dp_rank, VOCAB, norm, "micro-batch", eod)
+        (tokens, seg), _ = finetune_micro_batches(rows, consumed, GBS, GBS, 1, 0, VOCAB, False, "micro-batch")[0]
+        logits = _full_logits(engine, state, tokens, seg)
+        evaluated = engine.eval_step(batches)
+        meter.reset()
+        step = engine.train_step(batches)
+        groups = meter.reduce(state.is_last_stage and state.tp_rank == 0, state.device)
+        out[name] = {"consumed": consumed, "logits": logits.numpy(), "eval": evaluated, "step": step.loss,
+                     "grad_norm": step.grad_norm, "groups": groups}
+    return out

@@ -1,4 +1,6 @@
-"""Packed finetuning through BloomEngine: samples never see each other, and the loss is the global mean.
+"""Packed finetuning through BloomEngine: samples never see each other, and under
+``--loss-normalization global-batch`` the loss is the global mean (the default, finetune_t0.py's
+per micro-batch mean, is checked against a reference in test_t0_loss.py).
 
 Each layout below reads the same global batch of 8 packed rows (loss mask on target tokens only)
 and reports, from the same initial weights: the evaluation loss in both modes (token mean, and
