@@ -42,8 +42,9 @@ Deliberate differences, all invisible on bigscience's xP3 training mixtures (ran
   pad is a special token that text never produces.
 * A pair with an empty inputs or targets document trips an assertion there; here it is skipped and
   counted (``skipped_unfittable``), like an overlong pair.
-* It caches the index in ``.npy`` files next to the data; here every rank builds it in memory (a
-  few seconds per 10M pairs: one Python step per row, not per pair).
+* It caches the index in ``.npy`` files next to the data; here every rank builds it in memory
+  (one Python step per row, not per pair; 10M pairs took 13-29 s on a loaded 2-core machine, a
+  third of it RandomState's shuffle, which Megatron-DeepSpeed pays too).
 """
 from __future__ import annotations
 
@@ -217,8 +218,9 @@ def mtf_sample_index(sizes: np.ndarray, num_samples: int, capacity: int, seed: i
 
     ``sizes`` are the pairs' token counts (inputs + targets); ``capacity`` is ``seq_length + 1``.
     Row r holds the pairs ``shuffle_index[sample_index[r, 0]:sample_index[r, 1]]`` (positions in
-    the stream of all epochs). ``skipped`` counts pair occurrences longer than a row. Rows are cut
-    with one ``searchsorted`` per row: the first pair that does not fit ends the row.
+    the stream of all epochs). ``skipped`` counts pair occurrences longer than a row. Where a row
+    starting at each pair would end is one vectorized ``searchsorted`` per epoch; following those
+    ends from row to row is the only Python loop (one step per row).
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     n = len(sizes)
@@ -237,9 +239,12 @@ def mtf_sample_index(sizes: np.ndarray, num_samples: int, capacity: int, seed: i
         first_epoch = start // n
         tail = np.concatenate(shuffles[first_epoch:])[start - first_epoch * n:]
         cum = np.concatenate(([0], np.cumsum(sizes[tail])))
-        i, m = 0, len(tail)
-        while True:
-            j = int(np.searchsorted(cum, cum[i] + capacity, side="right")) - 1  # pairs i..j-1 fit
+        m = len(tail)
+        # nxt[i]: a row starting at pair i holds pairs i..nxt[i]-1 (pair nxt[i] is the first that does not fit).
+        nxt = np.searchsorted(cum, cum[:-1] + capacity, side="right") - 1
+        i = 0
+        while i < m:
+            j = int(nxt[i])
             if j >= m:
                 break  # the row stays open for the next epoch
             if j > i:
