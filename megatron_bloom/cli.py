@@ -47,7 +47,7 @@ def run_training(cfg: RunConfig, finetune: bool = False) -> int:
     """Check the inputs of a resolved configuration, then (and only then) import and run the trainer."""
     from megatron_bloom.training.preflight import check_training_inputs
 
-    check_training_inputs(cfg)  # data, tokenizer, checkpoints: seconds, before any process group
+    check_training_inputs(cfg, finetune=finetune)  # data, tokenizer, checkpoints: seconds, before any process group
     if finetune:
         from megatron_bloom.training.finetune import finetune as train
     else:

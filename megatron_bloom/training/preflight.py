@@ -62,23 +62,29 @@ def data_prefixes(cfg: RunConfig) -> List[Tuple[str, str]]:
     return unique
 
 
-def check_data(cfg: RunConfig) -> None:
-    """Every prefix opens and holds no token id >= the model's vocab_size."""
+def check_data(cfg: RunConfig, finetune: bool = False) -> None:
+    """Every prefix opens and holds no token id >= the model's vocab_size.
+
+    A finetune's prefix is a pair dataset: ours (one .bin/.idx) or Megatron-DeepSpeed's
+    ``PREFIX_inputs_document`` + ``PREFIX_targets_document``, each file checked.
+    """
     from megatron_bloom.data.indexed_dataset import IndexedDatasetError, MMapIndexedDataset
+    from megatron_bloom.data.mtf import indexed_prefixes
 
     vocab = cfg.model.vocab_size
     for flag, prefix in data_prefixes(cfg):
-        try:
-            ds = MMapIndexedDataset(prefix)
-        except IndexedDatasetError as exc:
-            raise UserError(f"{flag}: {exc}") from None
-        top, _ = ds.max_token_id()
-        if top is not None and top >= vocab:
-            raise UserError(
-                f"{prefix} holds token id {top} >= vocab_size {vocab}: it was tokenized with a larger vocabulary "
-                f"than the model's; set --vocab-size to that tokenizer's size (at least {top + 1}) or re-preprocess "
-                f"the data with the model's tokenizer"
-            )
+        for sub in indexed_prefixes(prefix, pairs=finetune):
+            try:
+                ds = MMapIndexedDataset(sub)
+            except IndexedDatasetError as exc:
+                raise UserError(f"{flag}: {exc}") from None
+            top, _ = ds.max_token_id()
+            if top is not None and top >= vocab:
+                raise UserError(
+                    f"{sub} holds token id {top} >= vocab_size {vocab}: it was tokenized with a larger vocabulary "
+                    f"than the model's; set --vocab-size to that tokenizer's size (at least {top + 1}) or "
+                    f"re-preprocess the data with the model's tokenizer"
+                )
 
 
 def check_tokenizer(cfg: RunConfig) -> None:
@@ -122,7 +128,7 @@ def check_checkpoints(cfg: RunConfig) -> None:
         check_checkpoint_files(os.path.join(*resolve_checkpoint(src)))
 
 
-def check_training_inputs(cfg: RunConfig, data: bool = True) -> None:
+def check_training_inputs(cfg: RunConfig, data: bool = True, finetune: bool = False) -> None:
     """All of the above on global rank 0 (see the module docstring); raises UserError."""
     from megatron_bloom.distributed.launch_env import detect_launch_env
 
@@ -130,5 +136,5 @@ def check_training_inputs(cfg: RunConfig, data: bool = True) -> None:
         return
     check_tokenizer(cfg)  # first: "the tokenizer is larger than the model" says more than a token id
     if data:
-        check_data(cfg)
+        check_data(cfg, finetune)
     check_checkpoints(cfg)

@@ -5,13 +5,7 @@ megatron-deepspeed (PREFIX_<lang>_{inputs,targets}_document.{bin,idx} + a quoted
 a validation mixture file written here byte for byte as bigscience's (one line, one quoted group
 per language) -> a 4-step finetune of a randomly initialised 2-layer model that trains and
 validates every group. One process, ~10 s.
-
-The start-up check (megatron_bloom/training/preflight.py, check_data) opens every prefix as ONE
-MMIDIDX dataset. Until it opens a prefix's files through ``megatron_bloom.data.mtf.indexed_prefixes``
-the run goes through a runner that swaps check_data for that version; once preflight uses it, the
-test runs launch/finetune.py as is.
 """
-import inspect
 import json
 import os
 import random
@@ -25,41 +19,8 @@ from finetune_helpers import REPO, env, run_tool
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size", "384",
          "--seq-length", "32", "--hidden-dropout", "0", "--attention-dropout", "0"]
 
-RUNNER = '''
-import runpy, sys
-import megatron_bloom.training.preflight as preflight
-from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
-from megatron_bloom.data.mtf import indexed_prefixes
-from megatron_bloom.errors import UserError
-
-
-def check_data(cfg):
-    for flag, prefix in preflight.data_prefixes(cfg):
-        for sub in indexed_prefixes(prefix, pairs=True):
-            top, _ = MMapIndexedDataset(sub).max_token_id()
-            if top is not None and top >= cfg.model.vocab_size:
-                raise UserError(f"{sub} holds token id {top} >= vocab_size {cfg.model.vocab_size}")
-
-
-preflight.check_data = check_data
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
-
-
-def preflight_reads_pairs() -> bool:
-    import megatron_bloom.training.preflight as preflight
-
-    return "indexed_prefixes" in inspect.getsource(preflight)
-
-
 def finetune(tmp, args):
-    script = os.path.join(REPO, "launch", "finetune.py")
-    if preflight_reads_pairs():
-        cmd = [sys.executable, script, *args]
-    else:
-        (tmp / "runner.py").write_text(RUNNER)
-        cmd = [sys.executable, str(tmp / "runner.py"), script, *args]
+    cmd = [sys.executable, os.path.join(REPO, "launch", "finetune.py"), *args]
     e = dict(env(), PYTHONPATH=REPO + os.pathsep + env().get("PYTHONPATH", ""))
     return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO, timeout=300)
 
