@@ -172,7 +172,7 @@ class FinetuneConfig:
     loss_on_targets_only: bool = False
     """Accepted for Megatron-DeepSpeed command lines; changes nothing: the finetuning loss always covers target tokens only (finetune_t0.py masks inputs and padding whatever this flag says; Megatron-DeepSpeed reads it only for prefix-LM masks, which BLOOMZ did not use)."""
     reweight_loss_based_on_position_frequency: bool = False
-    """Refused: in Megatron-DeepSpeed it only changes the prefix-LM loss's divisor (with a prefix attention mask and loss_on_targets_only: (s+2)/3 instead of (s+1)/2 expected target tokens per row of s); finetune_t0.py's packed causal mask (BLOOMZ's, the one here) never reads it."""
+    """Refused: Megatron-DeepSpeed uses it only for prefix-LM training (pretrain_prefix_lm.py reweights its loss mask by position; GPTModelPipe's prefix-mask loss, with loss_on_targets_only, divides by (s+2)/3 instead of (s+1)/2 expected target tokens per row of s); finetune_t0.py's packed causal mask (BLOOMZ's, the one here) never reads it."""
     overlong: str = "truncate"
     """Pairs longer than seq_length: 'truncate' their inputs from the left (the target is kept) or 'skip' them; both are counted and reported."""
 

@@ -200,8 +200,8 @@ def _check_finetune_loss(cfg: RunConfig) -> None:
         raise UserError(f"loss_normalization='{f.loss_normalization}' is not one of {', '.join(LOSS_NORMALIZATIONS)} "
                         f"(--loss-normalization micro-batch|global-batch)")
     if f.reweight_loss_based_on_position_frequency:
-        raise UserError("--reweight-loss-based-on-position-frequency only changes Megatron-DeepSpeed's prefix-LM loss "
-                        "divisor; finetuning uses finetune_t0.py's packed causal mask, where it changes nothing; drop it")
+        raise UserError("--reweight-loss-based-on-position-frequency only acts in Megatron-DeepSpeed's prefix-LM "
+                        "training; finetuning uses finetune_t0.py's packed causal mask, where it changes nothing; drop it")
     if f.eod_mask_loss and f.loss_normalization == "global-batch":
         raise UserError("--eod-mask-loss needs --loss-normalization micro-batch: the global-batch mean counts target "
                         "tokens from the packing plan, which masking EOD positions would make wrong")
