@@ -312,3 +312,53 @@ def test_flags_their_defaults_and_refusals(repo_root, monkeypatch):
         cfg, _ = resolve_finetune_config(["--config", os.path.join(repo_root, "configs", name), "--data-path", "x"])
         assert cfg.finetune.loss_normalization == "micro-batch" and cfg.finetune.norm_target_loss == norm, name
         assert not cfg.finetune.eod_mask_loss, name
+
+
+@pytest.mark.parametrize("norm_target_loss, eod_mask_loss", list(T0_MODES.values()))
+def test_megatron_deepspeed_packed_rows_give_finetune_t0s_loss(tmp_path, norm_target_loss, eod_mask_loss):
+    """Rows packed as DecoderPackedMTFDataset packs them (data/mtf.py) fed to our loss equal
+    finetune_t0.py's on its own decoder arrays (``MTFPackedRows.packed``), for micro-batches of 1,
+    2 and 4 rows. Every pair is 4 tokens, so rows of 16 are full to their last token and a target
+    ending one row touches the target of the next row's first pair (whose input may be 1 token):
+    fast_normalize then counts the two as one run, and so must we."""
+    from megatron_bloom.data.mtf import MegatronDeepSpeedPairs, MegatronDeepSpeedPairsWriter, MTFPackedRows
+    from megatron_bloom.training.data import finetune_micro_batches
+    from megatron_bloom.training.losses import FinetuningLoss
+
+    vocab, seq, pad = 50, 15, 3
+    rng = np.random.RandomState(3)
+    inputs, targets = [], []
+    for i in range(32):
+        n_in = 1 + i % 2
+        inputs.append(rng.randint(4, vocab, size=n_in))
+        targets.append(np.append(rng.randint(4, vocab, size=3 - n_in), EOD))
+        if i % 5 == 0:
+            inputs[-1][-1] = EOD  # --eod-mask-loss then drops the prediction of the first target token
+    prefix = str(tmp_path / "mds")
+    writer = MegatronDeepSpeedPairsWriter(prefix, np.uint16)
+    writer.add_pairs(inputs, targets, ["en"] * 32)
+    writer.commit()
+    rows = MTFPackedRows(MegatronDeepSpeedPairs(prefix, pad), 0, 32, 16, seq, seed=1)
+    torch.manual_seed(0)
+    logits = torch.randn(16, seq, vocab)
+    loss_fn = FinetuningLoss(None, 0)
+    merged = False
+    for mbs in (1, 2, 4):
+        batches = finetune_micro_batches(rows, 0, 16, mbs, 1, 0, vocab, norm_target_loss, "micro-batch",
+                                         EOD if eod_mask_loss else None)
+        ours = [float(loss_fn(logits[j * mbs:(j + 1) * mbs], labels)) for j, (_, labels) in enumerate(batches)]
+        ref = []
+        for j in range(16 // mbs):
+            part = [rows.packed(k) for k in range(j * mbs, (j + 1) * mbs)]
+
+            def token_losses(labels, j=j):
+                lg = logits[j * mbs:(j + 1) * mbs]
+                return torch.nn.functional.cross_entropy(lg.reshape(-1, vocab), labels.reshape(-1),
+                                                         reduction="none").view(labels.shape)
+
+            loss, mask = t0_micro_batch_loss(part, token_losses, eod_mask_loss, norm_target_loss, pad)
+            ref.append(loss)
+            targets_here = sum(rows.counts(k)[1] for k in range(j * mbs, (j + 1) * mbs))
+            merged |= norm_target_loss and not eod_mask_loss and float(mask.sum()) < targets_here - 0.5
+        assert np.allclose(ours, ref, rtol=1e-6), (mbs, ours, ref)
+    assert merged or not norm_target_loss or eod_mask_loss  # runs did cross rows in these micro-batches
