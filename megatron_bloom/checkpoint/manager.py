@@ -3,7 +3,8 @@
     <save>/latest                       the tag of the newest COMPLETE checkpoint ("global_step12")
     <save>/global_step12/
         layer_XX-model_YY-model_states.pt   weights per pipeline layer and TP rank (DeepSpeed)
-        mp_rank_YY_model_states.pt          engine state per model-parallel rank (DeepSpeed)
+        mp_rank_YY_model_states.pt          engine state per model-parallel rank (DeepSpeed), with
+                                            Megatron-DeepSpeed's args/iteration (megatron_args.py)
         *_optim_states.pt                   ZeRO / bf16 optimizer shards (DeepSpeed)
         megatron_bloom.pt                   iteration, consumed samples/tokens, schedules, config
         rng/rank_00003.pt                   every rank's RNG states
@@ -45,8 +46,14 @@ from megatron_bloom.checkpoint.files import (
     TAG_RE,
     atomic_torch_save,
     atomic_write_text,
+    mp_rank_file,
     rng_file,
     tag_for,
+)
+from megatron_bloom.checkpoint.megatron_args import (
+    load_megatron_state,
+    megatron_enums_importable,
+    trainer_state_from_megatron,
 )
 from megatron_bloom.errors import UserError
 from megatron_bloom.layers.random import default_generator
@@ -105,9 +112,14 @@ def find_checkpoint(load_dir: Optional[str]) -> Optional[CheckpointInfo]:
     if not os.path.isdir(path):
         raise UserError(f"{latest} names '{tag}' but {path} does not exist; fix or delete {latest}")
     if not os.path.isfile(state_file):
+        engine_file = os.path.join(path, mp_rank_file(0))
+        if os.path.isfile(engine_file):
+            # A Megatron-DeepSpeed training checkpoint: its counters and layout are in its args.
+            state = trainer_state_from_megatron(load_megatron_state(engine_file), engine_file)
+            return CheckpointInfo(load_dir, tag, state)
         raise UserError(
-            f"checkpoint {path} has no {STATE_FILE}: it was not written by megatron-bloom "
-            f"(convert it with launch/convert_checkpoint.py) or it is incomplete"
+            f"checkpoint {path} has neither {STATE_FILE} nor {mp_rank_file(0)}: it is incomplete, or not a "
+            f"training checkpoint (convert weights with megatron-bloom-convert-checkpoint)"
         )
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
@@ -118,13 +130,24 @@ def find_checkpoint(load_dir: Optional[str]) -> Optional[CheckpointInfo]:
 
 
 def check_compatible(info: CheckpointInfo, model_cfg) -> None:
-    """Refuse a checkpoint of another model shape before any weights are read."""
+    """Refuse a checkpoint of another model shape before any weights are read (a Megatron-DeepSpeed
+    checkpoint's args may not record the real vocabulary size: then its padded one is compared)."""
     saved = info.state["config"]["model"]
     for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size"):
+        if key == "vocab_size" and key not in saved:
+            continue  # a Megatron-DeepSpeed checkpoint: its padded row count is compared below
         if saved.get(key) != getattr(model_cfg, key):
             raise UserError(
                 f"checkpoint {info.path} has {key}={saved.get(key)} but the configuration says "
                 f"{getattr(model_cfg, key)}; use the checkpoint's model configuration or another --load"
+            )
+    if "padded_vocab_size" in saved:
+        tp = info.layout["tp"]
+        if saved["padded_vocab_size"] != model_cfg.padded_vocab_size(tp):
+            raise UserError(
+                f"checkpoint {info.path} has an embedding of {saved['padded_vocab_size']} rows, but vocab_size "
+                f"{model_cfg.vocab_size} pads to {model_cfg.padded_vocab_size(tp)} at TP={tp}; set --vocab-size to "
+                f"the checkpoint's ({saved['padded_vocab_size']} for BLOOM's 250,880)"
             )
 
 
@@ -156,8 +179,11 @@ def set_rng_state(state: Dict[str, Any], tracker=None) -> None:
         tracker.set_states(state["tracker"])
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[str, Any], keep_last_k: Optional[int]) -> str:
+def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[str, Any], keep_last_k: Optional[int],
+                    client_state: Optional[Dict[str, Any]] = None) -> str:
     """Save on every rank; returns the checkpoint path. Collective: every rank must call it.
+
+    ``client_state`` goes into DeepSpeed's engine files (Megatron-DeepSpeed's args and counters).
 
     Raises the same ``UserError`` on every rank when a write fails on any of them; the previous
     checkpoint is then untouched and still named by ``latest``.
@@ -169,8 +195,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[s
     failure = _attempt(lambda: _prepare_folder(save_dir, tag), save_dir) if rank == 0 else None
     _agree(failure, save_dir, tag)
     try:
-        with hook.inject_fault():
-            engine.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+        with hook.inject_fault(), megatron_enums_importable():
+            engine.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
     except (OSError, RuntimeError) as exc:
         failure = _write_failure(exc, save_dir)
         # DeepSpeed's save ends in a barrier (it has no collective between its file writes) that

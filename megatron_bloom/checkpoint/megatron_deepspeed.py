@@ -25,17 +25,18 @@ identical the average is exactly that copy.
 
 The attention head count is not in any tensor shape: it comes from ``num_attention_heads`` in the
 args of ``mp_rank_00_model_states.pt`` (read with ``torch.load(weights_only=True)`` allowing only
-``argparse.Namespace``), or from the caller when those args cannot be read.
+``argparse.Namespace`` and Megatron's enums, see ``megatron_args.py``), or from the caller when
+those args cannot be read. Our own checkpoints have this layout too, so this reads them as well.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from megatron_bloom.checkpoint.megatron_args import args_dict, load_megatron_state
 from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, TAG_RE, layer_file, mp_rank_file
 from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict, safe_load
 from megatron_bloom.errors import UserError
@@ -72,20 +73,15 @@ def resolve_tag_dir(path: str) -> str:
 
 
 def read_megatron_args(tag_dir: str) -> Dict[str, Any]:
-    """Megatron's args and iteration from ``mp_rank_00_model_states.pt`` ({} when unreadable)."""
+    """Megatron's args and iteration from ``mp_rank_00_model_states.pt`` ({} when there is no such file).
+
+    Read weights-only with the allow-list of ``megatron_args`` (argparse.Namespace and Megatron's
+    enums); a file holding other objects raises a UserError saying which.
+    """
     path = os.path.join(tag_dir, mp_rank_file(0))
     if not os.path.isfile(path):
         return {}
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - args with other types: the caller gives the numbers instead
-        return {}
-    args = state.get("args") if isinstance(state, dict) else None
-    out = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
-    if isinstance(state, dict) and "iteration" in state:
-        out.setdefault("iteration", state["iteration"])
-    return out
+    return args_dict(load_megatron_state(path))
 
 
 def _layer_files(tag_dir: str) -> Dict[int, Dict[int, str]]:
@@ -168,7 +164,12 @@ def read_megatron_deepspeed_checkpoint(
         sd[ours] = _merge(shards[final[0]], key, files[final[0]][0])
         sources[ours] = files[final[0]][0]
 
-    args = read_megatron_args(tag_dir)
+    try:
+        args = read_megatron_args(tag_dir)
+    except UserError as exc:
+        if not num_attention_heads:
+            raise UserError(f"{exc}; the head count comes from those args: pass --num-attention-heads") from None
+        args = {}
     heads = num_attention_heads or args.get("num_attention_heads")
     if not heads:
         raise UserError(f"{tag_dir}: the head count is not readable from mp_rank_00_model_states.pt; "

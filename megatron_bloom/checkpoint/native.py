@@ -9,13 +9,15 @@ A *full state dict* here has transformers' ``BloomForCausalLM`` keys without ``l
     transformer.ln_f.weight                       [h]             (and .bias)
 
 A native checkpoint holds the same tensors as DeepSpeed pipeline layer files, one per pipeline
-layer and TP rank (Megatron-DeepSpeed's BLOOM layout, see ``pipeline.py``)::
+layer with weights and TP rank, in Megatron-DeepSpeed's BLOOM layout (numbering in
+``models/bloom/sharding.py``, the layers in ``pipeline.py``)::
 
     <dir>/latest                                     "global_step0"
-    <dir>/global_step0/layer_00-model_01-model_states.pt   rows [V/tp, 2V/tp) of the padded embedding
-    <dir>/global_step0/layer_01-model_XX-model_states.pt   word_embeddings_layernorm (replicated)
-    <dir>/global_step0/layer_{2+i}-model_XX-...            block i, sharded as in ``parallelize.py``
-    <dir>/global_step0/layer_{L+2}-model_XX-...            ln_f (replicated)
+    <dir>/global_step0/layer_01-model_01-model_states.pt   word_embeddings.weight: rows [V/tp, 2V/tp)
+                                                           of the padded embedding; word_embeddings.norm.*
+    <dir>/global_step0/layer_{3+i}-model_XX-...            block i, sharded as in ``parallelize.py``
+    <dir>/global_step0/layer_{L+4}-model_XX-...            the final LayerNorm: weight, bias
+    <dir>/global_step0/mp_rank_XX_model_states.pt          Megatron-DeepSpeed's args and iteration
     <dir>/global_step0/megatron_bloom.pt                   iteration, layout, config, weights_only
     <dir>/global_step0/complete
 
@@ -50,6 +52,7 @@ from megatron_bloom.checkpoint.files import (
     copy_tokenizer_files,
     tag_for,
 )
+from megatron_bloom.checkpoint.megatron_args import safe_globals as megatron_safe_globals
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
 from megatron_bloom.layers.duplicated import tp_copies_drift
@@ -83,7 +86,10 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 
 
 def safe_load(path: str) -> Any:
-    """``torch.load(weights_only=True)`` of a possibly untrusted file; any failure is a UserError."""
+    """``torch.load(weights_only=True)`` of a possibly untrusted file; any failure is a UserError.
+
+    Besides tensors and plain values only Megatron-DeepSpeed's args (argparse.Namespace, its
+    enums, numpy RNG arrays: ``megatron_args.ALLOWED_GLOBALS``) may be built."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing")
     try:
@@ -91,7 +97,8 @@ def safe_load(path: str) -> Any:
             # Any unusual pickle is reported below as an error; torch's extra warning about it
             # would only add lines to a one-line message.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with megatron_safe_globals():  # engine files carry Megatron-DeepSpeed's args namespace
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         if lines and lines[0].startswith("Weights only load failed"):
@@ -199,25 +206,20 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
                             f"use one of {', '.join(map(str, options))}")
 
 
+def layer_indices(cfg: ModelConfig) -> List[int]:
+    """Pipeline indices of the layers with weights (one file per TP rank each)."""
+    return _SHARDING.weight_layers(cfg.num_layers)
+
+
 def layer_state(sd: StateDict, cfg: ModelConfig, idx: int) -> StateDict:
-    """Full tensors of pipeline layer ``idx`` (0 embedding .. L+2 ln_f) with layer-local keys."""
-    L = cfg.num_layers
-    if idx == 0:
-        return {EMBEDDING_KEY: sd["transformer.word_embeddings.weight"]}
-    if idx == 1:
-        return {f"word_embeddings_layernorm.{p}": sd[f"transformer.word_embeddings_layernorm.{p}"] for p in ("weight", "bias")}
-    if 2 <= idx < L + 2:
-        return {k: sd[f"transformer.h.{idx - 2}.{k}"] for k in BLOCK_KEYS}
-    if idx == L + 2:
-        return {f"ln_f.{p}": sd[f"transformer.ln_f.{p}"] for p in ("weight", "bias")}
-    raise ValueError(f"layer index {idx} outside 0..{L + 2}")
+    """Full tensors of pipeline layer ``idx`` (one of ``layer_indices``) with layer-local keys."""
+    table = _SHARDING.layer_table(idx, cfg.num_layers)
+    return {k: sd[_SHARDING.full_key(idx, k, cfg.num_layers)] for k in table}
 
 
 def full_keys(cfg: ModelConfig, idx: int, local: StateDict) -> StateDict:
     """Inverse of ``layer_state``: layer-local keys -> full-state-dict keys."""
-    if 2 <= idx < cfg.num_layers + 2:
-        return {f"transformer.h.{idx - 2}.{k}": v for k, v in local.items()}
-    return {f"transformer.{k}": v for k, v in local.items()}
+    return {_SHARDING.full_key(idx, k, cfg.num_layers): v for k, v in local.items()}
 
 
 def shard_layer(full: StateDict, tp: int, rank: int, padded_vocab_size: int) -> StateDict:
@@ -296,7 +298,7 @@ def write_native_checkpoint(
         copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
     os.makedirs(path)
     padded = model_cfg.padded_vocab_size(tp)
-    for idx in range(model_cfg.num_layers + 3):
+    for idx in layer_indices(model_cfg):
         full = layer_state(state_dict, model_cfg, idx)
         if cast is not None:
             full = {k: v.to(cast) for k, v in full.items()}
@@ -367,14 +369,16 @@ def checkpoint_tp(path: str, cfg: ModelConfig) -> int:
         m = LAYER_FILE_RE.match(name)
         if m:
             ranks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if 0 not in ranks:
-        raise UserError(f"{path} has no {LAYER_FILE.format(idx=0, tp=0)}: no embedding layer file")
-    tp = max(ranks[0]) + 1
-    for idx in range(cfg.num_layers + 3):
+    indices = layer_indices(cfg)
+    if indices[0] not in ranks:
+        raise UserError(f"{path} has no {LAYER_FILE.format(idx=indices[0], tp=0)}: no embedding layer file")
+    tp = max(ranks[indices[0]]) + 1
+    for idx in indices:
         for rank in range(tp):
             if rank not in ranks.get(idx, ()):
                 raise UserError(f"{os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank))} is missing "
-                                f"(a TP={tp} checkpoint of {cfg.num_layers} blocks needs layers 0..{cfg.num_layers + 2})")
+                                f"(a TP={tp} checkpoint of {cfg.num_layers} blocks needs layers "
+                                f"{', '.join(map(str, (indices[0], indices[1], indices[-2], indices[-1])))} ...)")
     return tp
 
 
@@ -398,7 +402,7 @@ def tp_duplicated_drift(path: str, cfg: ModelConfig) -> List[Tuple[str, float]]:
     """(full key, largest difference) of every TP-duplicated tensor whose copies differ, one layer at a time."""
     tp = checkpoint_tp(path, cfg)
     drifted = []
-    for idx in range(cfg.num_layers + 3) if tp > 1 else ():
+    for idx in layer_indices(cfg) if tp > 1 else ():
         shards = _layer_shards(path, idx, tp)
         for key in shards[0]:
             if key not in SPLIT_DIM:
@@ -449,7 +453,7 @@ def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelC
     sources: Dict[str, str] = {}
     if not any(LAYER_FILE_RE.match(n) for n in names) and any(MP_RANK_FILE_RE.match(n) for n in names):
         files, per_rank = _engine_state_layers(ckpt, cfg)
-        for idx in range(cfg.num_layers + 3):
+        for idx in layer_indices(cfg):
             for r, layers in enumerate(per_rank):
                 if idx not in layers:
                     raise UserError(f"{files[r]} has no tensors of pipeline layer {idx}")
@@ -462,7 +466,7 @@ def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelC
                         f"this reader does not merge; train at ZeRO 0-2 to get readable checkpoints")
     else:
         tp = checkpoint_tp(ckpt, cfg)
-        for idx in range(cfg.num_layers + 3):
+        for idx in layer_indices(cfg):
             layer = full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
             sd.update(layer)
             sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0)) for k in layer})
@@ -509,13 +513,14 @@ def _local_layers(engine) -> List[Tuple[int, nn.Module]]:
     """(pipeline layer index, module) of every layer this rank holds, tied copies included."""
     module = engine.module
     if not getattr(engine, "is_pipeline", False):
-        # BloomSequential: one module per spec in order; the tied head (last spec) reuses layers[0].
-        return list(enumerate(module.layers))
+        # BloomSequential: its layers are keyed by spec index; the tied head reuses the embedding.
+        return [(int(k), m) for k, m in module.layers.items()]
     out = [(module._local_start + i, f) for i, f in enumerate(module.forward_funcs) if isinstance(f, nn.Module)]
     for tied in module.tied_modules.values():
-        # The last stage holds the tied embedding only as the LM head's module: load layer 0 into it.
+        # The last stage holds the tied embedding only as the LM head's module (without the
+        # embedding's LayerNorm): load the embedding layer's matrix into it.
         if not any(tied is m for _, m in out):
-            out.append((0, tied))
+            out.append((_SHARDING.EMBEDDING_LAYER, tied))
     return out
 
 
@@ -546,6 +551,8 @@ def load_weights_only(engine, info_dir: str, tag: str) -> None:
             cache[idx] = read_layer(path, cfg, idx, ck_tp)
         shard = shard_layer(cache[idx], tp, rank, engine.padded_vocab_size)
         params = dict(module.named_parameters())
+        if idx == _SHARDING.EMBEDDING_LAYER:
+            shard = {k: v for k, v in shard.items() if k in params}  # the LM head's copy has no LayerNorm
         if set(params) != set(shard):
             raise RuntimeError(f"layer {idx}: module parameters {sorted(params)} != checkpoint keys {sorted(shard)}")
         _copy_params(params, shard, zero3, os.path.join(path, LAYER_FILE.format(idx=idx, tp=0)))

@@ -45,15 +45,14 @@ def universal_checkpoint_info(cfg: ModelConfig) -> Dict[str, Any]:
     }
 
 
-def refuse_drifted_copies(path: str) -> None:
+def refuse_drifted_copies(path: str, cfg: ModelConfig) -> None:
     """Stop before converting a checkpoint whose TP-duplicated copies differ.
 
     DeepSpeed's converter asserts that the copies of every ``tp_replicated`` parameter are equal;
     this says which ones are not, by how much, and what to do, instead of its AssertionError.
     """
-    from megatron_bloom.checkpoint.native import STATE_FILE, model_config_from_state, read_state, tp_duplicated_drift
+    from megatron_bloom.checkpoint.native import tp_duplicated_drift
 
-    cfg = model_config_from_state(read_state(path), os.path.join(path, STATE_FILE))
     drifted = tp_duplicated_drift(path, cfg)
     if drifted:
         key, drift = max(drifted, key=lambda kv: kv[1])
@@ -65,20 +64,51 @@ def refuse_drifted_copies(path: str) -> None:
         )
 
 
-def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, workers: int = 1) -> None:
+def _with_universal_info(source: str, staging: str, cfg: ModelConfig) -> str:
+    """A folder DeepSpeed's converter accepts for a checkpoint whose engine files lack
+    ``universal_checkpoint_info`` (Megatron-DeepSpeed's own): links to every file of ``source``,
+    the engine files rewritten with BLOOM's patterns added. Returns ``staging``."""
+    from megatron_bloom.checkpoint.files import MP_RANK_FILE_RE, atomic_torch_save
+    from megatron_bloom.checkpoint.megatron_args import load_megatron_state, megatron_enums_importable
+
+    os.makedirs(staging, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        src, dst = os.path.join(source, name), os.path.join(staging, name)
+        if os.path.lexists(dst) or not os.path.isfile(src):
+            continue
+        if MP_RANK_FILE_RE.match(name):
+            state = load_megatron_state(src)  # weights-only, with the args allow-list
+            state.setdefault("universal_checkpoint_info", universal_checkpoint_info(cfg))
+            with megatron_enums_importable():
+                atomic_torch_save(state, dst)
+        else:
+            os.symlink(os.path.abspath(src), dst)
+    return staging
+
+
+def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, cfg: ModelConfig, workers: int = 1) -> None:
     """Run DeepSpeed's converter on ``checkpoint_dir/tag`` into ``output_dir/tag`` (one process).
 
     Written under a temporary name and renamed when complete, so a conversion killed halfway is
-    redone rather than half-loaded.
+    redone rather than half-loaded. A Megatron-DeepSpeed checkpoint gets BLOOM's merge patterns
+    (which its engine files lack) in a staging folder of links first.
     """
+    import shutil
+
+    from megatron_bloom.checkpoint.files import STATE_FILE
+
     final = os.path.join(output_dir, tag)
     if os.path.isdir(final):
         return
-    refuse_drifted_copies(os.path.join(checkpoint_dir, tag))
+    source = os.path.join(checkpoint_dir, tag)
+    refuse_drifted_copies(source, cfg)
+    staging = None
+    if not os.path.isfile(os.path.join(source, STATE_FILE)):
+        staging = _with_universal_info(source, final + ".staging", cfg)
     tmp = final + ".converting"
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", os.path.join(checkpoint_dir, tag),
+        sys.executable, "-m", "megatron_bloom.checkpoint.universal",
+        "--input_folder", staging or source,
         "--output_folder", tmp,
         "--num_extract_workers", str(workers),
         "--num_merge_workers", str(workers),
@@ -89,3 +119,16 @@ def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, workers
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"converting {checkpoint_dir}/{tag} to a universal checkpoint failed: " + " | ".join(tail))
     os.replace(tmp, final)
+    if staging:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    # DeepSpeed's ds_to_universal, with Megatron's enums resolvable: engine files hold
+    # Megatron-DeepSpeed's args, which name classes of megatron.enums.
+    import runpy
+
+    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+
+    with megatron_enums_importable():
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)

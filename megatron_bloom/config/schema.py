@@ -118,9 +118,9 @@ class DataConfig:
     valid_weighted_split_paths: Optional[List[str]] = None
     """Same form for validation groups; each group is evaluated and reported on its own."""
     train_weighted_split_paths_path: Optional[str] = None
-    """File holding the train_weighted_split_paths group (bigscience mixture file: one 'NAME: W START:END PATH, ...' per line)."""
+    """bigscience's mixture file for train_weighted_split_paths: one line of double-quoted groups "NAME: W START:END PATH, ..." (a group per line is read too)."""
     valid_weighted_split_paths_path: Optional[str] = None
-    """File holding the valid_weighted_split_paths groups, one group per line."""
+    """The same for valid_weighted_split_paths: one quoted group per validation set (e.g. per language)."""
     tokenizer_name_or_path: Optional[str] = None
     """Tokenizer folder (or hub name when online) loadable with transformers.AutoTokenizer."""
     num_workers: int = 2

@@ -1,8 +1,10 @@
 """Parameters per pipeline stage and tensor-parallel rank, by arithmetic (nothing is allocated).
 
-The layer list is the one ``models/bloom/pipeline.py`` hands to DeepSpeed's PipelineModule::
+The layer list is the one ``models/bloom/pipeline.py`` hands to DeepSpeed's PipelineModule
+(Megatron-DeepSpeed's GPTModelPipe numbering)::
 
-    EmbeddingPipe, EmbedLayerNormPipe, TransformerBlockPipe x L, FinalLayerNormPipe, EmbeddingPipe
+    cast_inputs, EmbeddingPipe, to_sequence_first, TransformerBlockPipe x L, to_batch_first,
+    FinalLayerNormPipe, EmbeddingPipe
 
 and stages are cut the way PipelineModule cuts it. For BLOOM-176B (L=70, PP=12,
 ``type:transformer|embedding``) the 72 matching layers split 6 per stage, so stage 0 holds the
@@ -13,7 +15,8 @@ Per-rank counts under tensor parallelism t (h hidden, f = ffn size, Vp padded vo
     block      4h (two LayerNorms) + (3h^2 + 3h)/t (query_key_value) + h^2/t + h (dense, bias
                replicated) + (fh + f)/t (dense_h_to_4h) + fh/t + h (dense_4h_to_h, bias replicated)
     embedding  Vp h / t on the first stage, and again on the last (tied copy) when PP > 1
-    LayerNorms 2h each (word_embeddings_layernorm on the first stage, ln_f on the last)
+    LayerNorms 2h each (the embedding's on the first stage, the final one on the last)
+    functions  none (the three weightless steps)
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from typing import List, Tuple
 
 from megatron_bloom.config.schema import ModelConfig
 
-EMBEDDING, EMBED_LN, BLOCK, FINAL_LN = "EmbeddingPipe", "EmbedLayerNormPipe", "TransformerBlockPipe", "FinalLayerNormPipe"
+EMBEDDING, BLOCK, FINAL_LN = "EmbeddingPipe", "TransformerBlockPipe", "FinalLayerNormPipe"
 """Class names of the pipeline layers (pipeline.py); ``type:REGEX`` partitioning matches them."""
+CAST, TO_SEQUENCE_FIRST, TO_BATCH_FIRST = "cast_inputs", "to_sequence_first", "to_batch_first"
+"""Names of the weightless functions in the list."""
 
 
 def layer_names(num_layers: int) -> List[str]:
-    return [EMBEDDING, EMBED_LN, *[BLOCK] * num_layers, FINAL_LN, EMBEDDING]
+    return [CAST, EMBEDDING, TO_SEQUENCE_FIRST, *[BLOCK] * num_layers, TO_BATCH_FIRST, FINAL_LN, EMBEDDING]
 
 
 def block_parameters(cfg: ModelConfig, tp: int = 1) -> int:
@@ -83,18 +88,21 @@ def partition(num_layers: int, pp: int, method: str) -> Tuple[int, ...]:
         from deepspeed.runtime.utils import partition_balanced
 
         cfg = ModelConfig(num_layers=num_layers)
-        weights = [_layer_parameters(n, cfg, 1) for n in names]
+        weights = [_layer_parameters(n, cfg, 1, first=i < 2) for i, n in enumerate(names)]
         return tuple(int(b) for b in partition_balanced(weights, pp))
     raise ValueError(f"pp_partition_method '{method}' must be 'uniform', 'parameters' or 'type:REGEX'")
 
 
-def _layer_parameters(name: str, cfg: ModelConfig, tp: int) -> int:
+def _layer_parameters(name: str, cfg: ModelConfig, tp: int, first: bool = False) -> int:
+    """Parameters of one layer on one TP rank; ``first``: the embedding that holds its LayerNorm."""
     h = cfg.hidden_size
     if name == EMBEDDING:
-        return cfg.padded_vocab_size(tp) * h // tp
-    if name in (EMBED_LN, FINAL_LN):
+        return cfg.padded_vocab_size(tp) * h // tp + (2 * h if first else 0)
+    if name == FINAL_LN:
         return 2 * h
-    return block_parameters(cfg, tp)
+    if name == BLOCK:
+        return block_parameters(cfg, tp)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -116,8 +124,9 @@ def stages(cfg: ModelConfig, tp: int, pp: int, method: str = "type:transformer|e
     out = []
     for i in range(pp):
         here = names[bounds[i]:bounds[i + 1]]
-        # With one stage the tied embedding is one module, counted once.
+        # With one stage the tied embedding is one module, counted once; its LayerNorm is on stage 0.
         params = sum(_layer_parameters(n, cfg, tp) for n in set(here) if n == EMBEDDING)
         params += sum(_layer_parameters(n, cfg, tp) for n in here if n != EMBEDDING)
+        params += 2 * cfg.hidden_size if i == 0 else 0
         out.append(Stage(i, here.count(BLOCK), EMBEDDING in here, i == 0, i == pp - 1, params))
     return out

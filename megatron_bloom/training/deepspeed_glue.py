@@ -51,29 +51,32 @@ class BloomSequential(nn.Module):
     """All layer specs on one stage, built like PipelineModule builds them; forward returns the loss.
 
     Used when PP == 1 and ZeRO is 2 or 3, where DeepSpeed's plain engine replaces the pipeline engine.
+    ``layers`` is keyed by the spec index, so parameter names (``layers.<idx>.<key>``) carry the
+    pipeline layer numbers a PipelineModule's files have; specs that are plain functions hold none.
     """
 
     def __init__(self, specs: List[Any], loss_fn: LossFn, base_seed: int):
         super().__init__()
-        from deepspeed.pipe import TiedLayerSpec
+        from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
         self.loss_fn = loss_fn
-        self.layers = nn.ModuleList()
+        self.layers = nn.ModuleDict()
         self.funcs: List[Any] = []
         tied = {}
         for idx, spec in enumerate(specs):
+            seed_layer(base_seed + idx)  # for every spec, as PipelineModule does
             if isinstance(spec, TiedLayerSpec):
                 if spec.key not in tied:
-                    seed_layer(base_seed + idx)
                     tied[spec.key] = spec.build()
-                    self.layers.append(tied[spec.key])
+                    self.layers[str(idx)] = tied[spec.key]
                 module = tied[spec.key]
                 self.funcs.append(module if spec.forward_fn is None else (lambda x, m=module, f=spec.forward_fn: f(m, x)))
-            else:
-                seed_layer(base_seed + idx)
+            elif isinstance(spec, LayerSpec):
                 module = spec.build()
-                self.layers.append(module)
+                self.layers[str(idx)] = module
                 self.funcs.append(module)
+            else:
+                self.funcs.append(spec)  # a function: no weights
 
     def logits(self, inputs: Any) -> torch.Tensor:
         x = inputs

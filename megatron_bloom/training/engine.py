@@ -38,7 +38,7 @@ from megatron_bloom.training.nonfinite import (
     optimizer_step_skipped,
     parameters_in_forward_order,
 )
-from megatron_bloom.training.optimizer import build_optimizer
+from megatron_bloom.training.optimizer import build_optimizer, loading_any_adam_state
 
 MicroBatch = Tuple[object, Tuple[torch.Tensor, ...]]
 """(inputs, (labels, loss_mask)): inputs is input_ids [b, s] or (input_ids, segment_ids)."""
@@ -257,11 +257,20 @@ class BloomEngine:
             total /= self.state.dims.dp
         return total.item()
 
-    def load(self, directory: str, tag: str) -> None:
-        """Weights and optimizer state from ``directory/tag`` (a universal checkpoint if so built)."""
-        path, _ = self.engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+    def load(self, directory: str, tag: str, optimizer_steps: int = 0) -> None:
+        """Weights and optimizer state from ``directory/tag`` (a universal checkpoint if so built).
+
+        ``optimizer_steps`` (steps taken, skipped ones excluded) is Adam's step count for a state
+        that records none per parameter (Megatron-DeepSpeed's apex Adam keeps it per group).
+        """
+        from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW inside DeepSpeed's wrapper
+        # Engine files hold Megatron-DeepSpeed's args (its enums); optimizer shards may hold apex's Adam state.
+        with megatron_enums_importable(), loading_any_adam_state(base, optimizer_steps):
+            path, _ = self.engine.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint files for this rank in {directory}/{tag}")
 

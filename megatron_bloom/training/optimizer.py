@@ -1,7 +1,8 @@
 """AdamW with Megatron's parameter groups: no weight decay on LayerNorms and biases."""
 from __future__ import annotations
 
-from typing import Dict, List
+import contextlib
+from typing import Dict, Iterator, List
 
 import torch
 import torch.nn as nn
@@ -40,3 +41,59 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
         eps=cfg.adam_eps,
         fused=True,
     )
+
+
+_TORCH_ADAM_FLAGS = ("fused", "foreach", "capturable", "differentiable", "maximize", "amsgrad", "decoupled_weight_decay")
+"""Options of a torch Adam/AdamW param group that say how it computes, not what: always ours."""
+_APEX_ONLY = ("bias_correction", "adam_w_mode", "step", "set_grad_none")
+"""Keys of apex's FusedAdam param groups (Megatron-DeepSpeed's ``--optimizer adam``) torch does not know."""
+
+
+def torch_adam_state(state_dict: Dict, fallback_step: int) -> Dict:
+    """An Adam state dict our AdamW loads, from apex's FusedAdam's or torch's own (returned as is).
+
+    Megatron-DeepSpeed trained BLOOM with apex's FusedAdam (decoupled weight decay: AdamW's update).
+    Its state per parameter is exp_avg / exp_avg_sq; the step count sits in the param group.
+    torch's AdamW keeps the count per parameter (a tensor): each parameter without one gets its
+    group's (else ``fallback_step``, the optimizer steps taken), and apex's group keys are dropped.
+    """
+    for group in state_dict["param_groups"]:
+        step = group.get("step", fallback_step)
+        for key in _APEX_ONLY:
+            group.pop(key, None)
+        for i in group["params"]:
+            state = state_dict["state"].get(i)
+            if state and "step" not in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    return state_dict
+
+
+@contextlib.contextmanager
+def loading_any_adam_state(optimizer: torch.optim.Optimizer, fallback_step: int) -> Iterator[None]:
+    """While DeepSpeed loads a checkpoint: ``optimizer.load_state_dict`` accepts apex's Adam state too
+    (``torch_adam_state``), and our computing options (fused, decoupled weight decay, ...) are
+    kept over whatever the checkpoint's groups say."""
+    flags = [{k: g[k] for k in _TORCH_ADAM_FLAGS if k in g} for g in optimizer.param_groups]
+    load = optimizer.load_state_dict
+
+    def converting_load(state_dict: Dict) -> None:
+        load(torch_adam_state(state_dict, fallback_step))
+        for group, ours in zip(optimizer.param_groups, flags):
+            group.update(ours)
+
+    optimizer.load_state_dict = converting_load
+    try:
+        yield
+    finally:
+        del optimizer.load_state_dict  # the class's method again
+    # A universal load bypasses load_state_dict: it copies the checkpoint's group keys (apex's
+    # included) into the live groups and sets no step where the checkpoint has none. Same fix, live.
+    for group, ours in zip(optimizer.param_groups, flags):
+        step = group.get("step", fallback_step)
+        for key in _APEX_ONLY:
+            group.pop(key, None)
+        group.update(ours)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" not in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)

@@ -112,7 +112,7 @@ class Trainer:
                 load_dir = os.path.join(self.resume.directory, "universal")
                 if self.rank == 0:
                     log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
-                    convert_to_universal(self.resume.directory, self.resume.tag, load_dir)
+                    convert_to_universal(self.resume.directory, self.resume.tag, load_dir, cfg.model)
                 dist.barrier()
 
         self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout, loss_class=self.loss_class)
@@ -181,6 +181,14 @@ class Trainer:
             "weights_only": False,
         }
 
+    def megatron_state(self) -> dict:
+        """Megatron-DeepSpeed's keys for the engine files (its args, iteration, tokens, LR state)."""
+        from megatron_bloom.checkpoint.megatron_args import client_state
+
+        return client_state(self.cfg, self.lr_schedule, iteration=self.iteration,
+                            consumed_samples=self.consumed_samples, consumed_tokens=self.consumed_tokens,
+                            padded_vocab_size=self.engine.padded_vocab_size, world_size=self.world)
+
     def _load(self, load_dir: str) -> None:
         info = self.resume
         if self.weights_only:
@@ -189,15 +197,16 @@ class Trainer:
             load_weights_only(self.engine, info.directory, info.tag)
             log0(f"> loaded weights from {info.path} (fresh optimizer, schedule and data position)")
             return
-        self.engine.load(load_dir, info.tag)
         s = info.state
+        self.engine.load(load_dir, info.tag, optimizer_steps=s["iteration"] - s.get("skipped_iterations", 0))
         self.iteration = s["iteration"]
         self.consumed_samples = s["consumed_samples"]
         self.consumed_tokens = s["consumed_tokens"]
         self.skipped_iterations = s.get("skipped_iterations", 0)
         self.nan_iterations = s.get("nan_iterations", 0)
         self.skipped_sample_ranges = dict(s.get("skipped_sample_ranges", {}))
-        self.lr_schedule.load_state_dict(s["lr_schedule"])
+        if "lr_schedule" in s:
+            self.lr_schedule.load_state_dict(s["lr_schedule"])
         restored = load_rng(info, self.rank, self.same_layout, self.engine.tracker)
         if not restored:
             # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically,
@@ -212,7 +221,8 @@ class Trainer:
         if not c.save:
             return
         start = time.time()
-        path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k)
+        path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k,
+                               client_state=self.megatron_state())
         log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
 
     # ---- steps ----------------------------------------------------------------------------------
@@ -372,6 +382,12 @@ def pretrain(cfg: RunConfig) -> int:
     from megatron_bloom.config.schema import FinetuneConfig
 
     if cfg.finetune != FinetuneConfig():
-        raise UserError("--pretrained, --norm-target-loss and --overlong are finetuning options; run launch/finetune.py")
+        import dataclasses
+
+        default = FinetuneConfig()
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(default)
+                 if getattr(cfg.finetune, f.name) != getattr(default, f.name)]
+        raise UserError(f"{', '.join(given)}: finetuning option(s), which pretraining does not take; "
+                        f"run launch/finetune.py, or drop them")
     trainer = Trainer(cfg)
     return trainer.train()

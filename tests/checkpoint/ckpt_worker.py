@@ -29,7 +29,7 @@ def run(tp, pp, zero, start, stop, save_dir=None, load_dir=None, **kw):
         assert info.state["iteration"] == start, (info.state["iteration"], start)
         if not same_layout:
             if dist.get_rank() == 0:
-                convert_to_universal(load_dir, info.tag, os.path.join(load_dir, "universal"))
+                convert_to_universal(load_dir, info.tag, os.path.join(load_dir, "universal"), cfg.model)
             dist.barrier()
     engine = BloomEngine(cfg, state, load_universal=not same_layout)
     if info is not None:

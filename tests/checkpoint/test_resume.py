@@ -30,10 +30,12 @@ def test_checkpoint_layout_on_disk(saved):
     d, _ = saved
     assert open(os.path.join(d, "latest")).read() == "global_step4"
     files = set(os.listdir(os.path.join(d, "global_step4")))
-    # Megatron-DeepSpeed's BLOOM layout: one file per pipeline layer and TP rank.
-    for layer in range(8):  # embed, embed LN, 4 blocks, ln_f, (tied head shares layer 0's file)
-        if layer == 7:
-            continue
+    # Megatron-DeepSpeed's BLOOM layout: one file per pipeline layer with weights and TP rank:
+    # the embedding with its LayerNorm (1), 4 blocks (3-6), the final LayerNorm (8); 0, 2, 7 are
+    # weightless and the tied head (9) shares layer 1's file.
+    layers = {int(n[6:8]) for n in files if n.startswith("layer_")}
+    assert layers == {1, 3, 4, 5, 6, 8}
+    for layer in layers:
         assert f"layer_{layer:02d}-model_00-model_states.pt" in files
         assert f"layer_{layer:02d}-model_01-model_states.pt" in files
     assert {"mp_rank_00_model_states.pt", "complete", "megatron_bloom.pt", "rng"} <= files

@@ -116,21 +116,22 @@ def test_tensorboard_has_losses_per_language_and_task(data, finetuned):
         assert f"lm-loss-validation/heldout/per-task/{task} lm loss validation" in tags
     valid = {e.step: e.value for e in acc.Scalars("lm-loss-validation/heldout/lm loss validation")}
     assert sorted(valid) == [100, 200] and valid[200] < valid[100]
-    # Each validation batch (16 packed rows over DP=2) gives the token mean over the targets of the
-    # pairs in its rows, as the single-device model scores them one by one; the reported value
-    # averages the --eval-iters 2 batches, as pretraining does. The trainer packs validation group
-    # 0 with seed [seed, 1, 0, 0]; rebuild the same rows here.
+    # Each validation batch (16 packed rows over DP=2, micro-batch 8) gives the mean of its two
+    # micro-batches' token means over the targets of the pairs in their rows (finetune_t0.py's
+    # per-micro-batch loss, the default), as the single-device model scores them one by one; the
+    # reported value averages the --eval-iters 2 batches, as pretraining does. The trainer packs
+    # validation group 0 with seed [seed, 1, 0, 0]; rebuild the same rows here.
     from megatron_bloom.data.packing import PackedRows
     from megatron_bloom.data.xp3 import PairedDataset
 
     paired = PairedDataset(str(data["dir"] / "xp3" / "heldout"))
     rows = PackedRows(paired, 0, len(paired), 32, 64, [5, 1, 0, 0])
-    per_batch = []
-    for batch in (range(0, 16), range(16, 32)):
-        pairs = [int(rows.pair[j]) for k in batch for j in range(rows.row_ptr[k], rows.row_ptr[k + 1])]
-        per_batch.append(packed_pairs_loss(str(finetuned["run"]), paired, pairs))
-    direct = sum(per_batch) / 2
-    # fp32 both ways; packing, masking and the global normalisation must agree to rounding.
+    per_micro = []
+    for micro in (range(0, 8), range(8, 16), range(16, 24), range(24, 32)):
+        pairs = [int(rows.pair[j]) for k in micro for j in range(rows.row_ptr[k], rows.row_ptr[k + 1])]
+        per_micro.append(packed_pairs_loss(str(finetuned["run"]), paired, pairs))
+    direct = sum(per_micro) / 4
+    # fp32 both ways; packing, masking and the normalisation must agree to rounding.
     assert math.isclose(valid[200], direct, rel_tol=1e-5), (valid[200], direct)
 
 

@@ -95,7 +95,7 @@ def test_broken_transformers_folder(folders, tmp_path, kind, monkeypatch):
 def test_broken_native_checkpoint(folders, tmp_path, damage):
     ckpt = tmp_path / "native"
     _copy(folders / "native", ckpt)
-    layer = ckpt / "global_step0" / LAYER_FILE.format(idx=2, tp=0)
+    layer = ckpt / "global_step0" / LAYER_FILE.format(idx=3, tp=0)
     if damage == "truncate":
         _truncate(layer, 300)
     elif damage == "garbage":
@@ -127,8 +127,8 @@ def test_cli_errors_are_one_line(folders, tmp_path, kind):
     if kind == "corrupt-native":
         ckpt = tmp_path / "native"
         _copy(folders / "native", ckpt)
-        (ckpt / "global_step0" / LAYER_FILE.format(idx=0, tp=0)).write_bytes(b"\x80\x02garbage")
-        args, message = ["native-to-hf", "--load", ckpt, "--out", tmp_path / "o"], "layer_00-model_00-model_states.pt is corrupt"
+        (ckpt / "global_step0" / LAYER_FILE.format(idx=1, tp=0)).write_bytes(b"\x80\x02garbage")
+        args, message = ["native-to-hf", "--load", ckpt, "--out", tmp_path / "o"], "layer_01-model_00-model_states.pt is corrupt"
     elif kind == "bad-flag":
         args, message = ["hf-to-native", "--hf", folders / "hf", "--out", tmp_path / "o"], "the following arguments are required: --tp"
     else:

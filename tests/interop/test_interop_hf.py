@@ -52,7 +52,7 @@ def test_cli_round_trip_is_bitwise_and_matches_transformers(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     step = native / "global_step0"
     # vocab 250 padded to 256 (multiple of 128 * TP) and split by rows over the two TP ranks.
-    emb = torch.load(step / LAYER_FILE.format(idx=0, tp=1), weights_only=True)["word_embeddings.weight"]
+    emb = torch.load(step / LAYER_FILE.format(idx=1, tp=1), weights_only=True)["word_embeddings.weight"]
     assert emb.shape == (128, 48) and not emb[122:].any()
     state = torch.load(step / "megatron_bloom.pt", weights_only=True)
     assert state["weights_only"] and state["layout"]["tp"] == 2

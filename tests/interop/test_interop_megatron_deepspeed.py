@@ -1,14 +1,16 @@
 """Original Megatron-DeepSpeed BLOOM checkpoints (bigscience's layout), faked from a random tiny model."""
 import argparse
-import json
 import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
 from interop_helpers import run_cli, tiny_hf_model
+from megatron_bloom.checkpoint.megatron_args import PositionEmbeddingType, megatron_enums_importable
 from megatron_bloom.checkpoint.megatron_deepspeed import read_megatron_deepspeed_checkpoint
 from megatron_bloom.checkpoint.native import read_native_checkpoint
 from megatron_bloom.errors import UserError
@@ -47,12 +49,16 @@ def write_original(hf, folder, tp, step=7, args=True, drift=0.0):
                 block[k] = v.chunk(tp, 0)[r] if k in COLUMN else v.chunk(tp, 1)[r] if k in ROW else replicated(v, r)
             save(i + 3, r, block)
         save(L + 4, r, {"weight": replicated(sd["ln_f.weight"], r), "bias": replicated(sd["ln_f.bias"], r)})
-    for mp in range(tp):
-        state = {"iteration": step, "module": None}
-        if args:
-            state["args"] = argparse.Namespace(num_attention_heads=hf.config.n_head, hidden_size=hf.config.hidden_size,
-                                               layernorm_epsilon=1e-5, seq_length=64, params_dtype=torch.float32)
-        torch.save(state, os.path.join(tag, f"mp_rank_{mp:02d}_model_states.pt"))
+    with megatron_enums_importable():  # pickled as Megatron-DeepSpeed does: megatron.enums members
+        enums = sys.modules["megatron.enums"]
+        for mp in range(tp):
+            state = {"iteration": step, "module": None, "np_rng_state": np.random.get_state()}
+            if args:
+                state["args"] = argparse.Namespace(
+                    num_attention_heads=hf.config.n_head, hidden_size=hf.config.hidden_size, layernorm_epsilon=1e-5,
+                    seq_length=64, params_dtype=torch.bfloat16,
+                    position_embedding_type=enums.PositionEmbeddingType.alibi)
+            torch.save(state, os.path.join(tag, f"mp_rank_{mp:02d}_model_states.pt"))
     with open(os.path.join(folder, "latest"), "w") as fh:
         fh.write(f"global_step{step}")
 
@@ -91,7 +97,8 @@ def test_replicated_copies_are_averaged(tmp_path):
     hf = tiny_hf_model(seed=6, vocab_size=256, hidden_size=24, n_head=3, n_layer=2)
     write_original(hf, str(tmp_path), tp=2, drift=0.25)  # rank 1's LayerNorms and row-parallel biases
     cfg, sd, args = read_megatron_deepspeed_checkpoint(str(tmp_path))
-    assert args["iteration"] == 7
+    assert args["iteration"] == 7 and cfg.num_attention_heads == 3
+    assert args["position_embedding_type"] is PositionEmbeddingType.alibi  # read without Megatron installed
     ref = hf.state_dict()
     for key in ("transformer.h.1.input_layernorm.weight", "transformer.h.0.self_attention.dense.bias",
                 "transformer.ln_f.bias", "transformer.word_embeddings_layernorm.weight"):
@@ -107,3 +114,20 @@ def test_head_count_needed_without_args(tmp_path):
         read_megatron_deepspeed_checkpoint(str(tmp_path / "mds"))
     cfg, _, _ = read_megatron_deepspeed_checkpoint(str(tmp_path / "mds"), num_attention_heads=3)
     assert cfg.num_attention_heads == 3 and cfg.vocab_size == 250
+
+
+class _Payload:
+    """Stands for any class outside the allow-list (its unpickling could run code)."""
+
+
+def test_args_with_other_objects_are_refused_not_unpickled(tmp_path):
+    hf = tiny_hf_model(seed=8, vocab_size=250, hidden_size=24, n_head=3, n_layer=1)
+    write_original(hf, str(tmp_path / "mds"), tp=1)
+    path = tmp_path / "mds" / "global_step7" / "mp_rank_00_model_states.pt"
+    torch.save({"iteration": 7, "args": argparse.Namespace(num_attention_heads=3, hook=_Payload())}, path)
+    with pytest.raises(UserError) as err:
+        read_megatron_deepspeed_checkpoint(str(tmp_path / "mds"))
+    message = str(err.value)
+    assert "\n" not in message and "_Payload" in message and "pass --num-attention-heads" in message
+    cfg, _, _ = read_megatron_deepspeed_checkpoint(str(tmp_path / "mds"), num_attention_heads=3)
+    assert cfg.num_attention_heads == 3

@@ -3,6 +3,7 @@
 The expected literals are the hand-written values the derived ones replace: a change to the table
 that changes any of them changes the on-disk checkpoint format.
 """
+import pytest
 import torch
 
 from megatron_bloom.checkpoint.native import BLOCK_KEYS, EMBEDDING_KEY, SPLIT_DIM
@@ -31,10 +32,10 @@ EXPECTED_SPLIT_DIM = {
 EXPECTED_UNIVERSAL = {
     "universal_checkpoint_version": 0.2,
     "tp_replicated_parameter_patterns": [
-        r".*word_embeddings_layernorm\.(weight|bias)$",
+        r".*word_embeddings\.norm\.(weight|bias)$",
         r".*input_layernorm\.(weight|bias)$",
         r".*post_attention_layernorm\.(weight|bias)$",
-        r".*ln_f\.(weight|bias)$",
+        r"(^|.*\.)\d+\.(weight|bias)$",  # the final LayerNorm is the pipeline layer itself
         r".*self_attention\.dense\.bias$",
         r".*mlp\.dense_4h_to_h\.bias$",
     ],
@@ -56,11 +57,28 @@ def test_universal_checkpoint_patterns_are_unchanged():
     assert universal_checkpoint_info(ModelConfig(vocab_size=256)) == EXPECTED_UNIVERSAL
 
 
+def _local_names(sharding, num_layers):
+    """Full-state-dict key -> the layer-local key the table lists it under."""
+    return {sharding.full_key(idx, k, num_layers): k
+            for idx in sharding.weight_layers(num_layers) for k in sharding.layer_table(idx, num_layers)}
+
+
 def test_table_covers_every_parameter_of_the_model():
     spec = get_model_spec("bloom")
-    model = spec.build_model(ModelConfig(num_layers=1))
-    names = {n.replace("transformer.h.0.", "").replace("transformer.", "") for n, _ in model.named_parameters()}
-    assert names == set(spec.sharding.kinds)
+    model = spec.build_model(ModelConfig(num_layers=2))
+    assert {n for n, _ in model.named_parameters()} == set(_local_names(spec.sharding, 2))
+    assert set(_local_names(spec.sharding, 2).values()) == set(spec.sharding.kinds)
+
+
+def test_layer_numbering_is_megatron_deepspeeds():
+    """GPTModelPipe's: embedding 1, block i at 3 + i, final LayerNorm at L + 4; keys as it names them."""
+    sharding = get_model_spec("bloom").sharding
+    assert sharding.weight_layers(70) == [1, *range(3, 73), 74]
+    assert sharding.full_key(1, "word_embeddings.norm.weight", 70) == "transformer.word_embeddings_layernorm.weight"
+    assert sharding.full_key(72, "mlp.dense_h_to_4h.bias", 70) == "transformer.h.69.mlp.dense_h_to_4h.bias"
+    assert sharding.full_key(74, "bias", 70) == "transformer.ln_f.bias"
+    with pytest.raises(ValueError):
+        sharding.layer_table(73, 70)
 
 
 def test_parallelized_parameters_match_the_table(monkeypatch):
@@ -73,6 +91,6 @@ def test_parallelized_parameters_match_the_table(monkeypatch):
     spec = get_model_spec("bloom")
     model = spec.parallelize(spec.build_model(ModelConfig(num_layers=1, attention_dropout=0.0)), object())
     assert model.transformer.h[0].mlp.dense_h_to_4h.weight.shape[0] == 2 * 64  # 4h / 2
+    local = _local_names(spec.sharding, 1)
     for name, p in model.named_parameters():
-        local = name.replace("transformer.h.0.", "").replace("transformer.", "")
-        assert is_tp_duplicated(p) == (local in spec.sharding.tp_duplicated), name
+        assert is_tp_duplicated(p) == (local[name] in spec.sharding.tp_duplicated), name

@@ -113,7 +113,7 @@ def p(tmp_path_factory) -> Dict[str, object]:
     _weights_only_checkpoint(d / "ckpt_tp2", vocab, tp=2)
     # The same checkpoint with one layer file cut short (a copy interrupted, a full disk).
     shutil.copytree(d / "ckpt_tp2", d / "ckpt_truncated")
-    layer = d / "ckpt_truncated" / "global_step0" / "layer_02-model_01-model_states.pt"
+    layer = d / "ckpt_truncated" / "global_step0" / "layer_03-model_01-model_states.pt"
     layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
     # ... and with its state file cut short.
     shutil.copytree(d / "ckpt_tp2", d / "ckpt_bad_state")
@@ -130,7 +130,7 @@ def p(tmp_path_factory) -> Dict[str, object]:
     torch.save(s, state)
     # ... whose TP copies of one LayerNorm drifted apart (as BLOOM-176B's did in bf16).
     shutil.copytree(d / "ckpt_trained_tp2", d / "ckpt_drifted_tp2")
-    layer = d / "ckpt_drifted_tp2" / "global_step0" / "layer_02-model_01-model_states.pt"
+    layer = d / "ckpt_drifted_tp2" / "global_step0" / "layer_03-model_01-model_states.pt"
     sd = torch.load(layer, weights_only=True)
     sd["input_layernorm.weight"] = sd["input_layernorm.weight"] + 0.01
     torch.save(sd, layer)
@@ -247,7 +247,7 @@ PRETRAIN_CASES = {
     "missing-tokenizer": (lambda p: ["--tokenizer-name-or-path", p["d"] / "no_tokenizer"], "tokenizer not found"),
     "tokenizer-over-vocab": (lambda p: ["--tokenizer-name-or-path", p["tok"], "--vocab-size", "300"], "tokens but vocab_size is 300"),
     "checkpoint-other-shape": (lambda p: ["--load", p["d"] / "ckpt_tp2", "--hidden-size", "32"], "has hidden_size=64 but the configuration says 32"),
-    "checkpoint-truncated-layer": (lambda p: ["--load", p["d"] / "ckpt_truncated"], "layer_02-model_01-model_states.pt is corrupt or truncated"),
+    "checkpoint-truncated-layer": (lambda p: ["--load", p["d"] / "ckpt_truncated"], "layer_03-model_01-model_states.pt is corrupt or truncated"),
     "checkpoint-truncated-state": (lambda p: ["--load", p["d"] / "ckpt_bad_state"], "megatron_bloom.pt is corrupt or truncated"),
     "checkpoint-other-layout-zero0": (lambda p: ["--load", p["d"] / "ckpt_trained_tp2", "--zero-stage", "0"], "needs ZeRO-1 on both sides"),
     "save-dir-unwritable": (lambda p: ["--save", p["file"] / "ckpt"], "a_file is a file, not a folder"),
@@ -282,7 +282,7 @@ def test_pretrain_accepts_a_checkpoint_of_another_layout(p, tmp_path):
 def test_finetune_refuses(p, tmp_path):
     base = [*TRAIN, "--data-path", p["xp3"], "--save", tmp_path / "ft"]
     r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_truncated")
-    assert_refused(r, "layer_02-model_01-model_states.pt is corrupt or truncated")
+    assert_refused(r, "layer_03-model_01-model_states.pt is corrupt or truncated")
     assert not (tmp_path / "ft").exists()  # the conversion of --pretrained never started
     r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_tp2", "--vocab-size", "100")
     assert_refused(r, "holds token id")
@@ -298,7 +298,7 @@ def test_convert_checkpoint_refuses(p, tmp_path):
             "--tokenizer", tmp_path / "no_tokenizer")
     assert_refused(r, "no_tokenizer does not exist")
     r = run("launch/convert_checkpoint.py", "native-to-hf", "--load", p["d"] / "ckpt_truncated", "--out", out)
-    assert_refused(r, "layer_02-model_01-model_states.pt is corrupt, truncated or not a tensor file")
+    assert_refused(r, "layer_03-model_01-model_states.pt is corrupt, truncated or not a tensor file")
     r = run("launch/convert_checkpoint.py", "native-to-hf", "--load", p["d"] / "ckpt_tp2", "--out", p["file"] / "hf")
     assert_refused(r, "is a file, not a folder")
     assert not out.exists()

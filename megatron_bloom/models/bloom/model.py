@@ -30,7 +30,6 @@ from megatron_bloom.layers.random import dropout_rng, recompute, trackers_in
 from megatron_bloom.models.bloom.alibi import AlibiMask, alibi_slopes, make_alibi_mask
 from megatron_bloom.models.bloom.config import ModelConfig
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
-from megatron_bloom.models.seeding import seed_layer
 
 LayerKV = Tuple[Tensor, Tensor]
 """One layer's cached (key, value)."""
@@ -300,23 +299,15 @@ class BloomForCausalLM(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
-        """Megatron init (see ``init.py``) and the ALiBi slopes of each attention's head range.
-
-        With ``seed``, each piece is drawn after seeding with ``seed + layer index`` exactly as the
-        pipeline engine builds its layers (``pipeline.py``: embedding 0, its LayerNorm 1, block i
-        at 2 + i, ln_f at L + 2), so this model equals the engine's at any layout. Without it, the
-        pieces are drawn in order from the current RNG state.
-        """
+    def init_weights(self) -> None:
+        """Megatron init (see ``init.py``), drawn in order from the current RNG state, and the ALiBi
+        slopes of each attention's head range. (The training engine draws each layer after seeding
+        with ``seed + layer index`` instead, see ``pipeline.py``.)"""
         cfg = self.config
         t = self.transformer
-        if seed is not None:
-            seed_layer(seed)
         init_embedding_(t.word_embeddings, cfg)
         init_layernorm_(t.word_embeddings_layernorm)
-        for i, block in enumerate(t.h):
-            if seed is not None:
-                seed_layer(seed + 2 + i)
+        for block in t.h:
             init_block_(block, cfg)
         init_layernorm_(t.ln_f)
         # Non-persistent buffers are not in checkpoints; re-derive them too, so that

@@ -1,13 +1,22 @@
 """BLOOM as a list of layer specs: cut into stages by DeepSpeed's PipelineModule, or run whole.
 
-    idx 0        EmbeddingPipe          (tied "embed": word embeddings, vocab-parallel under TP)
-    idx 1        EmbedLayerNormPipe     word_embeddings_layernorm
-    idx 2..L+1   TransformerBlockPipe   h.0 .. h.{L-1}
-    idx L+2      FinalLayerNormPipe     ln_f
-    idx L+3      EmbeddingPipe again    (tied: the LM head on the same matrix, last stage)
+The list is Megatron-DeepSpeed's ``GPTModelPipe`` for BLOOM, index for index, so that checkpoints
+(one ``layer_XX-model_YY-model_states.pt`` per layer with weights and TP rank) have its file names
+and keys and its tools read ours (``sharding.py`` holds the numbering)::
 
-The partition method ``type:transformer|embedding`` counts the two EmbeddingPipe specs as layers,
-as BLOOM did, so the first and last stages carry fewer blocks.
+    idx 0        cast_inputs            no weights: Megatron-DeepSpeed casts float inputs to fp16/bf16
+    idx 1        EmbeddingPipe          tied "embed": word_embeddings (vocab-parallel under TP) and
+                                        its LayerNorm word_embeddings.norm, then embedding dropout
+    idx 2        to_sequence_first      no weights: Megatron-DeepSpeed transposes to [s, b, h] here
+    idx 3..L+2   TransformerBlockPipe   h.0 .. h.{L-1}
+    idx L+3      to_batch_first         no weights: the transpose back
+    idx L+4      FinalLayerNormPipe     a bare LayerNorm (keys ``weight`` / ``bias``)
+    idx L+5      EmbeddingPipe again    (tied: the LM head on the same matrix, last stage)
+
+Our blocks work batch-first on integer ids, so the three weightless steps pass their input through;
+they are kept for the numbering (and DeepSpeed's ``uniform`` partitioning counts them, as it did
+for BLOOM). The partition method ``type:transformer|embedding`` counts the two EmbeddingPipe specs
+as layers, as BLOOM did, so the first and last stages carry fewer blocks.
 
 Every spec is built right after seeding the RNGs with ``seed + idx`` (DeepSpeed's ``seed_layers``),
 so a layer's initial weights depend only on its index: every (TP, PP, DP) layout starts from the
@@ -49,9 +58,15 @@ def _join(x: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> Activation:
 
 
 class EmbeddingPipe(nn.Module):
-    """Word embeddings; the same module (tied) also serves as the LM head on the last stage."""
+    """Word embeddings, their LayerNorm and the embedding dropout (Megatron-DeepSpeed's EmbeddingPipe
+    with --embed-layernorm); the same module (tied) also serves as the LM head on the last stage.
 
-    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None):
+    The LayerNorm sits inside ``word_embeddings`` (key ``word_embeddings.norm.*``), as in
+    Megatron-DeepSpeed. ``with_norm=False`` builds the last stage's tied copy, which only lends its
+    matrix to the LM head: Megatron-DeepSpeed gives that copy no LayerNorm either.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None, with_norm: bool = True):
         super().__init__()
         full = nn.Embedding(padded_vocab_size, cfg.hidden_size)
         init_embedding_(full, cfg)
@@ -61,12 +76,17 @@ class EmbeddingPipe(nn.Module):
         else:
             self.word_embeddings = full
             head = TiedLMHead(full, cfg.vocab_size)
+        if with_norm:
+            self.word_embeddings.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+            init_layernorm_(self.word_embeddings.norm)
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
         # Not registered as a submodule: it owns no parameter and must not add state-dict keys.
         self.__dict__["lm_head"] = head
 
     def forward(self, inputs: Activation) -> Activation:
         input_ids, segment_ids = _split(inputs)
-        return _join(self.word_embeddings(input_ids), segment_ids)  # [b, s, h]
+        hidden = self.word_embeddings.norm(self.word_embeddings(input_ids))  # [b, s, h]
+        return _join(self.embedding_dropout(hidden), segment_ids)
 
 
 def lm_head_forward(embedding: EmbeddingPipe, inputs: Activation) -> torch.Tensor:
@@ -75,18 +95,19 @@ def lm_head_forward(embedding: EmbeddingPipe, inputs: Activation) -> torch.Tenso
     return embedding.lm_head(hidden)
 
 
-class EmbedLayerNormPipe(nn.Module):
-    """The embedding's LayerNorm, then hidden dropout on the embedding output (Megatron-DeepSpeed's)."""
+def cast_inputs(inputs: Activation) -> Activation:
+    """Layer 0. Megatron-DeepSpeed casts float inputs to the training dtype here; ours are token ids."""
+    return inputs
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-        init_layernorm_(self.word_embeddings_layernorm)
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, inputs: Activation) -> Activation:
-        hidden, segment_ids = _split(inputs)
-        return _join(self.embedding_dropout(self.word_embeddings_layernorm(hidden)), segment_ids)
+def to_sequence_first(inputs: Activation) -> Activation:
+    """Layer 2. Megatron-DeepSpeed's blocks take [s, b, h]; ours take [b, s, h], so nothing moves."""
+    return inputs
+
+
+def to_batch_first(inputs: Activation) -> Activation:
+    """Layer L+3, the inverse of ``to_sequence_first``."""
+    return inputs
 
 
 class TransformerBlockPipe(BloomBlock):
@@ -114,15 +135,16 @@ class TransformerBlockPipe(BloomBlock):
         return _join(out, segment_ids)
 
 
-class FinalLayerNormPipe(nn.Module):
+class FinalLayerNormPipe(nn.LayerNorm):
+    """The final LayerNorm as the pipeline layer itself, so its keys are ``weight`` and ``bias``."""
+
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-        init_layernorm_(self.ln_f)
+        super().__init__(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        init_layernorm_(self)
 
     def forward(self, inputs: Activation) -> Activation:
         hidden, segment_ids = _split(inputs)
-        return _join(self.ln_f(hidden), segment_ids)
+        return _join(super().forward(hidden), segment_ids)
 
 
 def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None,
@@ -132,10 +154,14 @@ def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group 
     embed = lambda **kw: TiedLayerSpec(  # noqa: E731
         "embed", EmbeddingPipe, cfg, padded_vocab_size, tp_group, tied_weight_attr="word_embeddings.weight", **kw
     )
+    # DeepSpeed builds a tied module from the first of its specs on a stage: the embedding's
+    # (with the LayerNorm) on the first stage, the LM head's (without) on a later last stage.
     return [
-        embed(),
-        LayerSpec(EmbedLayerNormPipe, cfg),
+        cast_inputs,
+        embed(with_norm=True),
+        to_sequence_first,
         *[LayerSpec(TransformerBlockPipe, cfg, i, tp_group, tracker) for i in range(cfg.num_layers)],
+        to_batch_first,
         LayerSpec(FinalLayerNormPipe, cfg),
-        embed(forward_fn=lm_head_forward),
+        embed(with_norm=False, forward_fn=lm_head_forward),
     ]
