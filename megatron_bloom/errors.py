@@ -27,8 +27,12 @@ class RunStopped(RuntimeError):
 
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    """Print ``error: <message>`` on stderr and exit with ``code``."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Print ``error: <message>`` on stderr and exit with ``code``.
+
+    One write of the whole line: the ranks of a job share one stderr pipe, and a line written in
+    two pieces (text, then newline) can have another rank's line land between them."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     raise SystemExit(code)
 
 

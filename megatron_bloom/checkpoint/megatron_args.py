@@ -246,6 +246,28 @@ def client_state(cfg, schedule, *, iteration: int, consumed_samples: int, consum
     }
 
 
+def megatron_engine_state(cfg, padded_vocab_size: int, iteration: int) -> Dict[str, Any]:
+    """An engine file of a weights-only checkpoint: DeepSpeed's pipeline keys without weights
+    (``module`` None: they are in the layer files) and Megatron-DeepSpeed's args and counters."""
+    p = cfg.parallel
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    args = megatron_args(cfg, padded_vocab_size=padded_vocab_size, world_size=mp, iteration=iteration)
+    return {
+        "module": None,
+        "optimizer": None,
+        "lr_scheduler": None,
+        "global_steps": int(iteration),
+        "skipped_steps": 0,
+        "dp_world_size": 1,
+        "mp_world_size": mp,
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": int(iteration),
+        "tokens": 0,
+        "checkpoint_info": {"padded_vocab_size": padded_vocab_size, "original_vocab_size": cfg.model.vocab_size},
+    }
+
+
 # ---- reading a Megatron-DeepSpeed training checkpoint ------------------------------------------------
 
 

@@ -18,6 +18,7 @@ layer with weights and TP rank, in Megatron-DeepSpeed's BLOOM layout (numbering 
     <dir>/global_step0/layer_{3+i}-model_XX-...            block i, sharded as in ``parallelize.py``
     <dir>/global_step0/layer_{L+4}-model_XX-...            the final LayerNorm: weight, bias
     <dir>/global_step0/mp_rank_XX_model_states.pt          Megatron-DeepSpeed's args and iteration
+                                                           (TP x PP files; no weights: module None)
     <dir>/global_step0/megatron_bloom.pt                   iteration, layout, config, weights_only
     <dir>/global_step0/complete
 
@@ -44,6 +45,7 @@ from megatron_bloom.checkpoint.files import (
     LAYER_FILE,
     LAYER_FILE_GLOB,
     LAYER_FILE_RE,
+    MP_RANK_FILE,
     MP_RANK_FILE_RE,
     STATE_FILE,
     TOKENIZER_DIR,
@@ -52,6 +54,7 @@ from megatron_bloom.checkpoint.files import (
     copy_tokenizer_files,
     tag_for,
 )
+from megatron_bloom.checkpoint.megatron_args import megatron_engine_state, megatron_enums_importable
 from megatron_bloom.checkpoint.megatron_args import safe_globals as megatron_safe_globals
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
@@ -316,6 +319,12 @@ def write_native_checkpoint(
         "special_tokens": dict(special_tokens or {}),
     }
     atomic_torch_save(state, os.path.join(path, STATE_FILE))
+    # Megatron-DeepSpeed's engine file per model-parallel rank, with its args, as a save of its
+    # own at this TP (and PP) would hold them; the weights are in the layer files.
+    engine_state = megatron_engine_state(run, padded, iteration)
+    with megatron_enums_importable():
+        for mp in range(tp * (pp or 1)):
+            atomic_torch_save(engine_state, os.path.join(path, MP_RANK_FILE.format(tp=mp)))
     atomic_write_text(os.path.join(path, COMPLETE), tag + "\n")
     atomic_write_text(os.path.join(out_dir, LATEST), tag)
     return path

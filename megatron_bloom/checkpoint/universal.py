@@ -107,7 +107,8 @@ def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, cfg: Mo
         staging = _with_universal_info(source, final + ".staging", cfg)
     tmp = final + ".converting"
     cmd = [
-        sys.executable, "-m", "megatron_bloom.checkpoint.universal",
+        # DeepSpeed's converter, with Megatron's enums resolvable (engine files hold its args).
+        sys.executable, "-m", "megatron_bloom.checkpoint.run_with_megatron_enums", "-m", "deepspeed.checkpoint.ds_to_universal",
         "--input_folder", staging or source,
         "--output_folder", tmp,
         "--num_extract_workers", str(workers),
@@ -122,13 +123,3 @@ def convert_to_universal(checkpoint_dir: str, tag: str, output_dir: str, cfg: Mo
     if staging:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    # DeepSpeed's ds_to_universal, with Megatron's enums resolvable: engine files hold
-    # Megatron-DeepSpeed's args, which name classes of megatron.enums.
-    import runpy
-
-    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
-
-    with megatron_enums_importable():
-        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)

@@ -149,3 +149,47 @@ def test_megatron_deepspeed_to_hf_reads_ours(saved, tmp_path):
     assert set(a) == set(b)
     for key in b:
         assert torch.equal(a[key][: b[key].shape[0]], b[key]), key
+
+
+def test_deepspeeds_checkpoint_reader_maps_ours(saved):
+    """DeepSpeedCheckpoint, the reader behind Megatron-DeepSpeed's tools/convert_checkpoint scripts,
+    finds the embedding, blocks, final norm, degrees, args and iteration where it expects them."""
+    from deepspeed.checkpoint import DeepSpeedCheckpoint
+
+    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+
+    ckpt, cfg = saved
+    L = cfg.model.num_layers
+    with megatron_enums_importable():  # it unpickles the engine files in full, as Megatron-DeepSpeed does
+        ds = DeepSpeedCheckpoint(str(ckpt / "global_step0"))
+        assert (ds.tp_degree, ds.pp_degree, ds.dp_degree) == (TP, PP, 1)
+        assert ds.get_embedding_layer_id() == "layer_01" and ds.get_final_norm_layer_id() == f"layer_{L + 4:02d}"
+        assert set(ds.get_embedding_state(1)) == {"word_embeddings.weight", "word_embeddings.norm.weight",
+                                                  "word_embeddings.norm.bias"}
+        assert set(ds.get_final_norm_state(1)) == {"weight", "bias"}
+        blocks = [len(ds.get_transformer_state(tp, pp)) for pp in range(PP) for tp in range(TP)]
+        assert sum(blocks) == TP * L
+        assert ds.get_iteration() == 0 and ds.get_args().num_layers == L
+
+
+def test_converted_checkpoints_have_the_same_layout(tmp_path):
+    """hf-to-native's weights-only checkpoints: the same layer files, engine files with the args."""
+    from interop_helpers import tiny_hf_model
+    from megatron_bloom.checkpoint.hf import read_hf_checkpoint
+    from megatron_bloom.checkpoint.megatron_args import PositionEmbeddingType, args_dict, load_megatron_state
+    from megatron_bloom.checkpoint.native import write_native_checkpoint
+
+    hf = tiny_hf_model(seed=3, vocab_size=250, hidden_size=48, n_head=6, n_layer=2)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg, sd = read_hf_checkpoint(str(tmp_path / "hf"))
+    folder = tmp_path / "native" / "global_step0"
+    write_native_checkpoint(sd, cfg, str(tmp_path / "native"), tp=2)
+    got = reference_bloom_state_dict(str(folder), 2)
+    for key, tensor in hf.state_dict().items():
+        if key.startswith("transformer."):
+            g = got[key[len("transformer."):]]
+            assert torch.equal(g[: tensor.shape[0]], tensor), key
+    for rank in range(2):
+        args = args_dict(load_megatron_state(str(folder / f"mp_rank_{rank:02d}_model_states.pt")))
+        assert args["tensor_model_parallel_size"] == 2 and args["num_attention_heads"] == 6
+        assert args["position_embedding_type"] is PositionEmbeddingType.alibi and args["iteration"] == 0

@@ -103,11 +103,14 @@ def tensors(obj, prefix=""):
 
 def checkpoint_tensors(folder):
     """{file/path: tensor} over every .pt file of a checkpoint folder (weights, optimizer, RNG, state)."""
+    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+
     found = {}
     for root, _, files in os.walk(folder):
         for name in files:
             if name.endswith(".pt"):
                 path = os.path.join(root, name)
-                obj = torch.load(path, map_location="cpu", weights_only=False)
+                with megatron_enums_importable():  # engine files hold Megatron-DeepSpeed's args
+                    obj = torch.load(path, map_location="cpu", weights_only=False)
                 found.update(tensors(obj, os.path.relpath(path, folder)))
     return found

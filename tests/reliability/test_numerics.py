@@ -98,8 +98,11 @@ def checkpoint_tensors(tag_dir):
             for i, v in enumerate(obj):
                 walk(v, f"{key}/{i}")
 
+    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
-        walk(torch.load(path, map_location="cpu", weights_only=False), os.path.basename(path))
+        with megatron_enums_importable():  # engine files hold Megatron-DeepSpeed's args
+            walk(torch.load(path, map_location="cpu", weights_only=False), os.path.basename(path))
     assert out, f"no tensors in {tag_dir}"
     return out
 
