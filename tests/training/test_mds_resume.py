@@ -112,16 +112,21 @@ def test_the_checkpoint_holds_only_megatron_deepspeeds_files(runs):
     assert "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt" in names
 
 
+def resume(root, nproc, args, load, tb, expect):
+    """Run from ``load`` to iteration 6; (its losses, the uninterrupted run's losses) by iteration."""
+    resumed = pretrain(nproc, *args, "--load", str(load), "--tensorboard-dir", str(root / tb))
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert expect in out and "at iteration 4, 32 samples" in out, out[-3000:]
+    again = scalars(str(root / tb), LOSS)
+    assert sorted(again) == [5, 6]
+    return again, scalars(str(root / "straight_tb"), LOSS)
+
+
 def test_resume_continues_the_run_bitwise(runs):
     """Same layout: weights, fp32 masters, Adam moments and step, iteration, samples and LR all come back."""
     root, common = runs
-    resumed = pretrain(2, *common, "--load", str(root / "mds"), "--tensorboard-dir", str(root / "resumed_tb"))
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-3000:]
-    assert "resumed" in out and "at iteration 4, 32 samples" in out, out[-3000:]
-    straight = scalars(str(root / "straight_tb"), LOSS)
-    again = scalars(str(root / "resumed_tb"), LOSS)
-    assert sorted(again) == [5, 6]
+    again, straight = resume(root, 2, common, root / "mds", "resumed_tb", "resumed")
     assert again[5] == straight[5] and again[6] == straight[6], (again, straight)
     lr = scalars(str(root / "resumed_tb"), "learning-rate/learning-rate")
     assert lr[5] == scalars(str(root / "straight_tb"), "learning-rate/learning-rate")[5]
@@ -132,15 +137,9 @@ def test_resume_at_another_layout_through_a_universal_checkpoint(runs):
     root, common = runs
     load = root / "mds_copy"
     shutil.copytree(root / "mds", load)
-    pp1 = [a for a in common]
+    pp1 = list(common)
     pp1[pp1.index("--pipeline-model-parallel-size") + 1] = "1"
-    resumed = pretrain(1, *pp1, "--load", str(load), "--tensorboard-dir", str(root / "pp1_tb"))
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out[-3000:]
-    assert "layout changed" in out and "at iteration 4, 32 samples" in out, out[-3000:]
-    straight = scalars(str(root / "straight_tb"), LOSS)
-    again = scalars(str(root / "pp1_tb"), LOSS)
-    assert sorted(again) == [5, 6]
+    again, straight = resume(root, 1, pp1, load, "pp1_tb", "layout changed")
     # The same weights in one stage: observed equal; allow float summation-order differences.
     assert abs(again[5] - straight[5]) < 1e-5 * straight[5], (again, straight)
     # The step after it needs the Adam moments and step count: observed 1.1e-5 apart (1.6e-6
