@@ -28,7 +28,7 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 from megatron_bloom.errors import UserError
 
@@ -80,9 +80,8 @@ ALLOWED_GLOBALS: List[Any] = [argparse.Namespace, *((cls, f"{ENUM_MODULE}.{cls._
                               *_numpy_array_globals()]
 """What ``torch.load(weights_only=True)`` may build besides tensors, containers and numbers: the
 args namespace, Megatron's enums and numpy arrays (its saved numpy RNG state)."""
-_ALLOWED_NAMES = {"argparse.Namespace", *(f"{ENUM_MODULE}.{c.__name__}" for c in ENUMS), "numpy.ndarray", "numpy.dtype",
-                  "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-                  "numpy.dtypes.UInt32DType"}
+_ALLOWED_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+"""The names a checkpoint may refer to (for saying which other ones a refused file holds)."""
 
 
 def safe_globals():
@@ -330,10 +329,3 @@ def trainer_state_from_megatron(state: Dict[str, Any], where: str) -> Dict[str, 
             "decay_style": str(sched.get("decay_style", "constant")),
         }
     return out
-
-
-def vocab_size_of(state: Dict[str, Any]) -> Optional[int]:
-    """The real vocabulary size recorded in an engine file (checkpoint_info), if any."""
-    info = state.get("checkpoint_info") or {}
-    value = info.get("original_vocab_size")
-    return int(value) if value else None

@@ -49,6 +49,19 @@ _APEX_ONLY = ("bias_correction", "adam_w_mode", "step", "set_grad_none")
 """Keys of apex's FusedAdam param groups (Megatron-DeepSpeed's ``--optimizer adam``) torch does not know."""
 
 
+def _adopt_apex_groups(groups: List[Dict], state_of, fallback_step: int, device_of) -> None:
+    """Drop apex's keys from ``groups`` and give each parameter state without a step count its
+    group's (else ``fallback_step``); ``state_of(p)``/``device_of(p)`` look a group entry up."""
+    for group in groups:
+        step = group.get("step", fallback_step)
+        for key in _APEX_ONLY:
+            group.pop(key, None)
+        for p in group["params"]:
+            state = state_of(p)
+            if state and "step" not in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device_of(p))
+
+
 def torch_adam_state(state_dict: Dict, fallback_step: int) -> Dict:
     """An Adam state dict our AdamW loads, from apex's FusedAdam's or torch's own (returned as is).
 
@@ -57,14 +70,7 @@ def torch_adam_state(state_dict: Dict, fallback_step: int) -> Dict:
     torch's AdamW keeps the count per parameter (a tensor): each parameter without one gets its
     group's (else ``fallback_step``, the optimizer steps taken), and apex's group keys are dropped.
     """
-    for group in state_dict["param_groups"]:
-        step = group.get("step", fallback_step)
-        for key in _APEX_ONLY:
-            group.pop(key, None)
-        for i in group["params"]:
-            state = state_dict["state"].get(i)
-            if state and "step" not in state:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+    _adopt_apex_groups(state_dict["param_groups"], state_dict["state"].get, fallback_step, lambda i: "cpu")
     return state_dict
 
 
@@ -78,8 +84,6 @@ def loading_any_adam_state(optimizer: torch.optim.Optimizer, fallback_step: int)
 
     def converting_load(state_dict: Dict) -> None:
         load(torch_adam_state(state_dict, fallback_step))
-        for group, ours in zip(optimizer.param_groups, flags):
-            group.update(ours)
 
     optimizer.load_state_dict = converting_load
     try:
@@ -87,13 +91,8 @@ def loading_any_adam_state(optimizer: torch.optim.Optimizer, fallback_step: int)
     finally:
         del optimizer.load_state_dict  # the class's method again
     # A universal load bypasses load_state_dict: it copies the checkpoint's group keys (apex's
-    # included) into the live groups and sets no step where the checkpoint has none. Same fix, live.
+    # included) into the live groups and sets no step where the checkpoint has none. Same fix,
+    # live; then our computing options over whatever the checkpoint's groups said.
+    _adopt_apex_groups(optimizer.param_groups, optimizer.state.get, fallback_step, lambda p: p.device)
     for group, ours in zip(optimizer.param_groups, flags):
-        step = group.get("step", fallback_step)
-        for key in _APEX_ONLY:
-            group.pop(key, None)
         group.update(ours)
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state and "step" not in state:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
