@@ -2,6 +2,7 @@
 
 A user error (bad config, missing file, corrupt data) ends the process with ``error: <message>``
 on stderr and exit code 2, never a traceback; the process group is destroyed on every exit path.
+Every ``torch.load`` of a command is weights-only (``checkpoint/trust.py``).
 """
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., None]:
     def wrapper(*args, **kwargs) -> None:
         from megatron_bloom.distributed.init import shutdown
 
+        from megatron_bloom.checkpoint.trust import weights_only_loading
+
         def run() -> int:
-            code = main(*args, **kwargs) or 0
+            # No file is ever unpickled in full, whoever calls torch.load (checkpoint/trust.py).
+            with weights_only_loading():
+                code = main(*args, **kwargs) or 0
             shutdown(together=True)  # every rank returns from main: leave together
             return code
 

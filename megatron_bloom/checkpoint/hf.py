@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from megatron_bloom.checkpoint.files import copy_tokenizer_files, tokenizer_files
-from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype, safe_load
+from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype
+from megatron_bloom.checkpoint.trust import safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.models.spec import get_model_spec

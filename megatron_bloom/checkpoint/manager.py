@@ -50,11 +50,8 @@ from megatron_bloom.checkpoint.files import (
     rng_file,
     tag_for,
 )
-from megatron_bloom.checkpoint.megatron_args import (
-    load_megatron_state,
-    megatron_enums_importable,
-    trainer_state_from_megatron,
-)
+from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable, trainer_state_from_megatron
+from megatron_bloom.checkpoint.trust import load_megatron_state, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.layers.random import default_generator
 
@@ -122,10 +119,12 @@ def find_checkpoint(load_dir: Optional[str]) -> Optional[CheckpointInfo]:
             f"training checkpoint (convert weights with megatron-bloom-convert-checkpoint)"
         )
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise UserError(f"checkpoint file {state_file} is corrupt or truncated ({type(exc).__name__}); "
-                        f"delete {path} and point {latest} at the previous checkpoint") from None
+        state = safe_load(state_file)
+    except UserError as exc:
+        raise UserError(f"checkpoint file {exc}; delete {path} and point {latest} at the previous checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise UserError(f"checkpoint file {state_file} is not a megatron-bloom trainer state; delete {path} and "
+                        f"point {latest} at the previous checkpoint")
     return CheckpointInfo(load_dir, tag, state)
 
 
@@ -370,5 +369,5 @@ def load_rng(info: CheckpointInfo, rank: int, same_layout: bool, tracker=None) -
     path = os.path.join(info.path, rng_file(rank))
     if not same_layout or not os.path.isfile(path):
         return False
-    set_rng_state(torch.load(path, map_location="cpu", weights_only=True), tracker)
+    set_rng_state(safe_load(path), tracker)
     return True

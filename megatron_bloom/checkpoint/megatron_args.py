@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import enum
 import importlib.util
-import os
 import sys
 import types
 from typing import Any, Dict, Iterator, List
@@ -80,39 +79,6 @@ ALLOWED_GLOBALS: List[Any] = [argparse.Namespace, *((cls, f"{ENUM_MODULE}.{cls._
                               *_numpy_array_globals()]
 """What ``torch.load(weights_only=True)`` may build besides tensors, containers and numbers: the
 args namespace, Megatron's enums and numpy arrays (its saved numpy RNG state)."""
-_ALLOWED_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
-"""The names a checkpoint may refer to (for saying which other ones a refused file holds)."""
-
-
-def safe_globals():
-    """Context in which weights-only loads accept Megatron's args namespace and enums."""
-    import torch
-
-    return torch.serialization.safe_globals(ALLOWED_GLOBALS)
-
-
-def load_megatron_state(path: str) -> Dict[str, Any]:
-    """An engine file's dict, read weights-only with the allow-list; a refused or broken file is a UserError."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing")
-    try:
-        with safe_globals():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
-        try:
-            refused = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in _ALLOWED_NAMES]
-        except Exception:  # noqa: BLE001 - not even a readable archive
-            refused = []
-        if refused:
-            raise UserError(f"{path} holds objects of types {', '.join(refused[:3])}, which are not read (only "
-                            f"tensors, plain values, argparse.Namespace and megatron.enums are); pass the model "
-                            f"shape as flags instead") from None
-        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a dict")
-    return state
 
 
 def args_dict(state: Dict[str, Any]) -> Dict[str, Any]:

@@ -36,9 +36,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_bloom.checkpoint.megatron_args import args_dict, load_megatron_state
+from megatron_bloom.checkpoint.megatron_args import args_dict
 from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, TAG_RE, layer_file, mp_rank_file
-from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict, safe_load
+from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict
+from megatron_bloom.checkpoint.trust import load_megatron_state, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
 

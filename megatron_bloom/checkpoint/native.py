@@ -33,7 +33,6 @@ import glob
 import os
 import re
 import sys
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,7 +54,7 @@ from megatron_bloom.checkpoint.files import (
     tag_for,
 )
 from megatron_bloom.checkpoint.megatron_args import megatron_engine_state, megatron_enums_importable
-from megatron_bloom.checkpoint.megatron_args import safe_globals as megatron_safe_globals
+from megatron_bloom.checkpoint.trust import safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig, RunConfig
 from megatron_bloom.layers.duplicated import tp_copies_drift
@@ -86,66 +85,6 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     if key not in _DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; use fp32, fp16 or bf16")
     return _DTYPES[key]
-
-
-def safe_load(path: str) -> Any:
-    """``torch.load(weights_only=True)`` of a possibly untrusted file; any failure is a UserError.
-
-    Besides tensors and plain values only Megatron-DeepSpeed's args (argparse.Namespace, its
-    enums, numpy RNG arrays: ``megatron_args.ALLOWED_GLOBALS``) may be built."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing")
-    try:
-        with warnings.catch_warnings():
-            # Any unusual pickle is reported below as an error; torch's extra warning about it
-            # would only add lines to a one-line message.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            with megatron_safe_globals():  # engine files carry Megatron-DeepSpeed's args namespace
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors have many types
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        if lines and lines[0].startswith("Weights only load failed"):
-            # torch's refusal is a paragraph advising weights_only=False, which must not be done
-            # with an untrusted file: keep only the line that says what was refused.
-            skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-            detail = [ln for ln in lines if not ln.startswith(skip)]
-            reason = "refused by the weights-only unpickler: " + (detail[0] if detail else "unsupported content")
-        else:
-            reason = (lines[0] if lines else type(exc).__name__).split(". ")[0]
-        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({reason[:200]})") from None
-
-
-def check_checkpoint_files(path: str) -> int:
-    """Refuse a checkpoint folder holding a truncated or corrupt ``.pt`` file, before any is loaded.
-
-    ``torch.save`` writes zip archives whose directory sits at the end of the file, so reading that
-    directory (a few small reads per file, no tensor data) finds a truncated file or one that is not
-    a tensor file at all. Bytes flipped inside a tensor are not found here. Returns the files checked.
-    """
-    import zipfile
-
-    names = sorted(glob.glob(os.path.join(path, "*.pt")) + glob.glob(os.path.join(path, "*", "*.pt")))
-    for f in names:
-        size = os.path.getsize(f)
-        with open(f, "rb") as fh:
-            head = fh.read(4)
-        if head[:1] == b"\x80" and size > 2:
-            continue  # legacy (non-zip) torch.save format: a pickle stream, only checked when loaded
-        reason = None
-        if head != b"PK\x03\x04":
-            reason = "empty file" if size == 0 else "not a torch.save file"
-        else:
-            try:
-                with zipfile.ZipFile(f) as zf:
-                    end = max((i.header_offset + i.compress_size for i in zf.infolist()), default=0)
-                if end > size:
-                    reason = "a record ends past the end of the file"
-            except (zipfile.BadZipFile, OSError, ValueError) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-        if reason:
-            raise UserError(f"{f} is corrupt or truncated ({reason}); restore it, or delete {path} and point "
-                            f"'latest' at an earlier checkpoint")
-    return len(names)
 
 
 # ---- keys and shapes ---------------------------------------------------------------------------

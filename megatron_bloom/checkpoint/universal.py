@@ -69,7 +69,8 @@ def _with_universal_info(source: str, staging: str, cfg: ModelConfig) -> str:
     ``universal_checkpoint_info`` (Megatron-DeepSpeed's own): links to every file of ``source``,
     the engine files rewritten with BLOOM's patterns added. Returns ``staging``."""
     from megatron_bloom.checkpoint.files import MP_RANK_FILE_RE, atomic_torch_save
-    from megatron_bloom.checkpoint.megatron_args import load_megatron_state, megatron_enums_importable
+    from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+    from megatron_bloom.checkpoint.trust import load_megatron_state
 
     os.makedirs(staging, exist_ok=True)
     for name in sorted(os.listdir(source)):

@@ -214,9 +214,11 @@ def cli_main() -> None:
     """
     from lm_eval.__main__ import cli_evaluate
 
+    from megatron_bloom.checkpoint.trust import weights_only_loading
     from megatron_bloom.errors import fail
 
     try:
-        cli_evaluate()
+        with weights_only_loading():  # as every entry point: no file is unpickled in full
+            cli_evaluate()
     except UserError as exc:
         fail(str(exc))

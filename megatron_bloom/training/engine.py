@@ -263,14 +263,25 @@ class BloomEngine:
         ``optimizer_steps`` (steps taken, skipped ones excluded) is Adam's step count for a state
         that records none per parameter (Megatron-DeepSpeed's apex Adam keeps it per group).
         """
+        import os
+        import pickle
+
         from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable
+        from megatron_bloom.checkpoint.trust import TRUSTED, check_checkpoint_folder, deepspeed_loading
 
         base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW inside DeepSpeed's wrapper
+        # DeepSpeed unpickles with weights_only=False: forced weights-only here, with the allow-list.
         # Engine files hold Megatron-DeepSpeed's args (its enums); optimizer shards may hold apex's Adam state.
-        with megatron_enums_importable(), loading_any_adam_state(base, optimizer_steps):
-            path, _ = self.engine.load_checkpoint(
-                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+        try:
+            with deepspeed_loading(), megatron_enums_importable(), loading_any_adam_state(base, optimizer_steps):
+                path, _ = self.engine.load_checkpoint(
+                    directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        except pickle.UnpicklingError:  # a file changed after the pre-flight check read it: name it
+            folder = os.path.join(directory, tag)
+            check_checkpoint_folder(folder)
+            raise UserError(f"a file of {folder} was refused by the weights-only loader (checkpoint files may "
+                            f"hold only {TRUSTED})") from None
         if path is None:
             raise UserError(f"DeepSpeed found no checkpoint files for this rank in {directory}/{tag}")
 

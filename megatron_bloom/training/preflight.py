@@ -108,24 +108,38 @@ def check_tokenizer(cfg: RunConfig) -> None:
 
 
 def check_checkpoints(cfg: RunConfig) -> None:
-    """The checkpoint --load would resume is readable, of this model's shape, with intact files;
-    so is a native --pretrained (finetuning; a transformers folder is checked when it is read).
+    """The checkpoint --load would resume is of this model's shape, and every file it would read is
+    intact and holds only data (``checkpoint/trust.py``); so is --pretrained (finetuning).
 
-    A checkpoint of another layout (TP, PP, DP) is fine: resume converts it (see pretrain.py).
+    A checkpoint of another layout (TP, PP, DP) is fine: resume converts it (see pretrain.py), or
+    loads the universal checkpoint an earlier conversion left next to it, which is checked too.
     """
     from megatron_bloom.checkpoint.manager import check_compatible, find_checkpoint
-    from megatron_bloom.checkpoint.native import check_checkpoint_files, resolve_checkpoint
+    from megatron_bloom.checkpoint.native import resolve_checkpoint
+    from megatron_bloom.checkpoint.trust import check_checkpoint_folder, check_file
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no checkpoint yet" is reported by the trainer itself
         info = find_checkpoint(cfg.checkpoint.load)
     if info is not None:
         check_compatible(info, cfg.model)
-        check_checkpoint_files(info.path)
+        fix = f"restore it, or delete {info.path} and point 'latest' at an earlier checkpoint"
+        check_checkpoint_folder(info.path, fix)
+        universal = os.path.join(info.directory, "universal", info.tag)
+        if os.path.isdir(universal):
+            check_checkpoint_folder(universal, f"delete {universal}: it is converted again from {info.path}")
         return  # a finetune that resumes its own checkpoint ignores --pretrained
     src = cfg.finetune.pretrained
-    if src and not os.path.isfile(os.path.join(src, "config.json")):
-        check_checkpoint_files(os.path.join(*resolve_checkpoint(src)))
+    if not src:
+        return
+    if os.path.isfile(os.path.join(src, "config.json")):
+        from megatron_bloom.checkpoint.hf import weight_files
+
+        for path in weight_files(src):  # safetensors hold no code; a pytorch_model*.bin may
+            if not path.endswith(".safetensors"):
+                check_file(path, f"re-export {src} as safetensors, or take it from a source you trust")
+    else:
+        check_checkpoint_folder(os.path.join(*resolve_checkpoint(src)))
 
 
 def check_training_inputs(cfg: RunConfig, data: bool = True, finetune: bool = False) -> None:

@@ -176,7 +176,8 @@ def test_converted_checkpoints_have_the_same_layout(tmp_path):
     """hf-to-native's weights-only checkpoints: the same layer files, engine files with the args."""
     from interop_helpers import tiny_hf_model
     from megatron_bloom.checkpoint.hf import read_hf_checkpoint
-    from megatron_bloom.checkpoint.megatron_args import PositionEmbeddingType, args_dict, load_megatron_state
+    from megatron_bloom.checkpoint.megatron_args import PositionEmbeddingType, args_dict
+    from megatron_bloom.checkpoint.trust import load_megatron_state
     from megatron_bloom.checkpoint.native import write_native_checkpoint
 
     hf = tiny_hf_model(seed=3, vocab_size=250, hidden_size=48, n_head=6, n_layer=2)
