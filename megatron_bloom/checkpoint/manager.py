@@ -52,6 +52,7 @@ from megatron_bloom.checkpoint.files import (
 )
 from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable, trainer_state_from_megatron
 from megatron_bloom.checkpoint.trust import load_megatron_state, safe_load
+from megatron_bloom.distributed.collectives import all_gather_object, barrier
 from megatron_bloom.errors import UserError
 from megatron_bloom.layers.random import default_generator
 
@@ -200,7 +201,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[s
         failure = _write_failure(exc, save_dir)
         # DeepSpeed's save ends in a barrier (it has no collective between its file writes) that
         # the other ranks are waiting in now; meet them there, then agree on the outcome.
-        dist.barrier()
+        barrier()
     if failure is None:
         failure = _attempt(lambda: _save_own_files(engine, path, rank, trainer_state), save_dir)
     # Every rank's files are on disk past this point; only then is the checkpoint complete.
@@ -271,8 +272,7 @@ def _agree(failure: Optional[Dict[str, Any]], save_dir: str, tag: str) -> None:
     Replaces a barrier: a rank whose write failed still shows up here, so the others never wait
     for it until the collective timeout.
     """
-    outcomes: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, failure)
+    outcomes: List[Optional[Dict[str, Any]]] = all_gather_object(failure)
     failed = [o for o in outcomes if o is not None]
     if not failed:
         return

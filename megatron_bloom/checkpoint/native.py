@@ -33,6 +33,7 @@ import glob
 import os
 import re
 import sys
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -493,11 +494,17 @@ def load_weights_only(engine, info_dir: str, tag: str) -> None:
     tp, rank = engine.state.dims.tp, engine.state.tp_rank
     ds = engine.engine
     zero3 = bool(getattr(ds, "zero_optimization_partition_weights", lambda: False)())
+    local = _local_layers(engine)
+    uses = Counter(idx for idx, _ in local)  # the embedding twice where the tied head is local too
     cache: Dict[int, StateDict] = {}
-    for idx, module in _local_layers(engine):
+    for idx, module in local:
         if idx not in cache:
             cache[idx] = read_layer(path, cfg, idx, ck_tp)
-        shard = shard_layer(cache[idx], tp, rank, engine.padded_vocab_size)
+        uses[idx] -= 1
+        # Only one merged layer is held at a time: its last user takes it out of the cache.
+        full = cache[idx] if uses[idx] else cache.pop(idx)
+        shard = shard_layer(full, tp, rank, engine.padded_vocab_size)
+        del full
         params = dict(module.named_parameters())
         if idx == _SHARDING.EMBEDDING_LAYER:
             shard = {k: v for k, v in shard.items() if k in params}  # the LM head's copy has no LayerNorm

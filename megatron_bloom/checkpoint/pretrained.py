@@ -2,7 +2,8 @@
 
 A native checkpoint with layer files (any layout) is used where it is. A transformers folder, or a
 native checkpoint holding only engine files (PP = 1 under ZeRO-2/3), is converted once by rank 0 to
-a weights-only native checkpoint in ``<run>/pretrained``; every rank waits for it.
+a weights-only native checkpoint in ``<run>/pretrained``; every rank waits for it (polling its files,
+not in a collective: converting BLOOM-176B takes longer than any collective timeout).
 """
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import os
 import shutil
 from typing import Callable, Optional, Tuple
 
-import torch
-import torch.distributed as dist
-
 from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, STATE_FILE, has_tokenizer_files
 from megatron_bloom.config.schema import ModelConfig
+from megatron_bloom.distributed.collectives import on_rank0_while_others_poll
 from megatron_bloom.errors import UserError
 
 PRETRAINED_DIR = "pretrained"
@@ -40,9 +39,9 @@ def pretrained_model_config(path: str) -> ModelConfig:
     return model_config_from_state(read_state(ckpt), os.path.join(ckpt, STATE_FILE))
 
 
-def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[str], rank: int,
-                 device: torch.device) -> Tuple[str, str]:
-    """Rank 0 calls ``write(folder)`` for <run>/pretrained (once per run); all ranks wait for it.
+def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[str]) -> Tuple[str, str]:
+    """Rank 0 calls ``write(folder)`` for <run>/pretrained (once per run); the other ranks wait for
+    its ``latest`` file, polling, not in a collective that times out (``on_rank0_while_others_poll``).
 
     A collective: every rank calls it. Returns (directory, tag) of the converted checkpoint.
     """
@@ -51,7 +50,13 @@ def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[st
     if not run_dir:
         raise UserError("--pretrained needs --save (or --load): the converted weights are written there")
     target = os.path.join(run_dir, PRETRAINED_DIR)
-    if rank == 0 and not os.path.isfile(os.path.join(target, LATEST)):
+
+    def done() -> bool:
+        return os.path.isfile(os.path.join(target, LATEST))
+
+    def convert() -> None:
+        if done():
+            return  # converted by an earlier attempt of this run
         tmp = f"{target}.tmp.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -62,15 +67,12 @@ def convert_once(write: Callable[[str], None], source: str, run_dir: Optional[st
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"> converted --pretrained {source} to {target}", flush=True)
-    ok = torch.tensor([1.0 if os.path.isfile(os.path.join(target, LATEST)) or rank != 0 else 0.0], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if ok.item() < 1:
-        raise UserError(f"converting --pretrained to {target} failed on rank 0")
+
+    on_rank0_while_others_poll(convert, done, failure_file=target + ".failed", what=f"converting --pretrained {source}")
     return resolve_checkpoint(target)
 
 
-def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int, rank: int,
-                          device: torch.device) -> Tuple[str, str]:
+def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int) -> Tuple[str, str]:
     """(directory, tag) of a native checkpoint with layer files holding ``src``'s weights.
 
     A collective when ``src`` needs converting (every rank takes the same path).
@@ -86,7 +88,7 @@ def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int, rank: int,
             tok = src if has_tokenizer_files(src) else None
             native.write_native_checkpoint(sd, cfg, out, tp, tokenizer_dir=tok, special_tokens=special)
 
-        return convert_once(write, src, run_dir, rank, device)
+        return convert_once(write, src, run_dir)
     directory, tag = native.resolve_checkpoint(src)
     names = os.listdir(os.path.join(directory, tag))
     if any(LAYER_FILE_RE.match(n) for n in names):
@@ -96,4 +98,4 @@ def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int, rank: int,
         cfg, sd = native.read_native_checkpoint(directory, tag)
         native.write_native_checkpoint(sd, cfg, out, tp)
 
-    return convert_once(write_merged, src, run_dir, rank, device)
+    return convert_once(write_merged, src, run_dir)

@@ -12,10 +12,15 @@ and nowhere else, since CPU runs use gloo with CPU tensors throughout. So no mod
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import os
+import secrets
+import time
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from megatron_bloom.errors import UserError
 
 Group = Optional[dist.ProcessGroup]
 
@@ -116,3 +121,33 @@ def barrier(group: Group = None) -> None:
     """Wait for every rank of the group (on NCCL, on this rank's own device)."""
     index = group_device(group).index  # None on the CPU
     dist.barrier(group=group, device_ids=None if index is None else [index])
+
+
+# ---- work on rank 0 that may outlast any collective timeout -------------------------------------------------
+
+
+def on_rank0_while_others_poll(work: Callable[[], None], done: Callable[[], bool], failure_file: str,
+                               what: str, poll_seconds: float = 2.0) -> None:
+    """Rank 0 runs ``work`` (a conversion: minutes to hours at BLOOM-176B's 2.3 TB) while the other
+    ranks poll the shared file system for ``done()``, not wait in a barrier: any collective gives
+    up after the process group's timeout, and a requeued job would start the work over.
+
+    A failure of ``work`` on rank 0 is written to ``failure_file`` (with a token of this call, so a
+    stale file of an earlier job is never taken for it) and raised on every rank as a UserError.
+    A collective: every rank of the default group calls it.
+    """
+    token = broadcast_object(secrets.token_hex(8) if dist.get_rank() == 0 else None)
+    mine = f"{failure_file}.{token}"
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting ranks
+            with open(mine, "w", encoding="utf-8") as fh:
+                fh.write(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise
+        return
+    while not done():
+        if os.path.exists(mine):
+            with open(mine, encoding="utf-8") as fh:
+                raise UserError(f"{what} failed on rank 0: {fh.read().strip()}")
+        time.sleep(poll_seconds)

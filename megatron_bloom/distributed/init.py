@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .collectives import barrier
 from .launch_env import LaunchEnv, detect_launch_env
 from .parallel_state import ParallelState
 from .topology import ParallelDims
@@ -35,6 +36,14 @@ def pick_backend(requested: Optional[str] = None) -> str:
     if requested:
         return requested
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def run_device(backend: str, local_rank: int) -> torch.device:
+    """The device a rank computes on: the CPU under gloo, else accelerator ``local_rank`` (NCCL: CUDA)."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()  # None on a machine without one
+    return torch.device("cuda" if backend == "nccl" or accelerator is None else accelerator.type, local_rank)
 
 
 def init_distributed(
@@ -59,11 +68,9 @@ def init_distributed(
     if launch.world_size % (tp * pp) != 0:
         raise ValueError(f"world size {launch.world_size} is not divisible by TP x PP = {tp * pp}")
     dims = ParallelDims(tp=tp, pp=pp, dp=launch.world_size // (tp * pp))
-    if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
-        device = torch.device("cuda", launch.local_rank)
-    else:
-        device = torch.device("cpu")
+    device = run_device(backend, launch.local_rank)
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)  # NCCL and every cuda call use it from here
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         # Other libraries (DeepSpeed, torch's env:// init) read these names.
@@ -78,6 +85,9 @@ def init_distributed(
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timeout,
+            # On GPU: NCCL builds its communicator now, bound to this rank's device, and can split
+            # it for the TP/PP/DP groups instead of creating one per group lazily at first use.
+            device_id=None if device.type == "cpu" else device,
         )
         # DeepSpeed builds its groups (data-parallel for ZeRO, pipeline) with dist.new_group(ranks),
         # which takes torch's default timeout (30 min on gloo, 10 on NCCL), not ours: a rank that
@@ -178,7 +188,7 @@ def shutdown(together: bool = False) -> None:
         return
     if together:
         try:
-            dist.barrier()
+            barrier()
         except RuntimeError:  # a peer left first; tearing down is still right
             pass
     dist.destroy_process_group()

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Iterator, List
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from megatron_bloom.distributed.collectives import all_reduce_
 from megatron_bloom.layers.mappings import Group, group_size
 
 
@@ -35,7 +35,7 @@ def is_tp_duplicated(p: nn.Parameter) -> bool:
 def average_over_group_(params: List[nn.Parameter], group: Group) -> None:
     """Replace each parameter by its mean over ``group``, in place, with one all-reduce."""
     flat = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])  # [sum numel]
-    dist.all_reduce(flat, group=group)
+    all_reduce_(flat, group=group)
     flat /= group_size(group)
     offset = 0
     for p in params:

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.distributed.collectives import all_gather_into, all_reduce_
+
 Group = Optional[dist.ProcessGroup]
 
 
@@ -35,9 +37,7 @@ def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     # Out of place: the autograd graph may still need the input (and gloo reduces in place).
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
+    return all_reduce_(x.contiguous().clone(), group=group)
 
 
 def _split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -53,8 +53,7 @@ def _gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(all_gather_into(parts, x.contiguous(), group=group), dim=-1)
 
 
 # ---- autograd functions ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import math
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 
 @dataclass
@@ -135,3 +135,17 @@ def rss_mb() -> Optional[float]:
     except (OSError, IndexError, ValueError):
         return None
     return resident_pages * resource.getpagesize() / (1024.0 * 1024.0)
+
+
+def device_memory_mb(device) -> Dict[str, float]:
+    """The accelerator's peak memory held by tensors and by torch's caching allocator on ``device``,
+    in MB (``memory/... max allocated MB`` and ``max reserved MB``); {} on the CPU, where the RSS
+    above is the whole story. The peak allocated is what must fit; reserved adds what fragmentation
+    and the cache keep (an OOM with much reserved but not allocated points at fragmentation)."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return {}
+    mb = 1024.0 * 1024.0
+    return {"max allocated MB": torch.accelerator.max_memory_allocated(device) / mb,
+            "max reserved MB": torch.accelerator.max_memory_reserved(device) / mb}

@@ -30,7 +30,8 @@ log interval      iteration-time/iteration-time (s, + vs samples, vs tokens), it
                   the interval)
 log_validation    lm-loss-validation/<group>/lm loss validation (+ vs samples, vs tokens) and
                   .../lm loss validation ppl (+ vs samples, vs tokens)
-log_memory        memory/rank <r> <name>, e.g. memory/rank 3 max rss MB, memory/rank 3 rss MB
+log_memory        memory/rank <r> <name>, e.g. memory/rank 3 max rss MB, memory/rank 3 rss MB, and on a
+                  GPU memory/rank 3 max allocated MB, memory/rank 3 max reserved MB
 once              text 'arguments': the resolved config as a markdown table
 """
 from __future__ import annotations

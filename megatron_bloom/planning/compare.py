@@ -17,6 +17,7 @@ def measure_and_compare(e: Estimate, steps: int = 3) -> Optional[Dict]:
     import torch.distributed as dist
 
     from megatron_bloom.config import validate_config
+    from megatron_bloom.distributed.collectives import all_gather_object
     from megatron_bloom.distributed.launch_env import world_size_from_env
 
     from .measure import measure_engine, saved_activation_bytes
@@ -41,8 +42,7 @@ def measure_and_compare(e: Estimate, steps: int = 3) -> Optional[Dict]:
     for pred_kind, meas_kind in KINDS:
         row[pred_kind] = {"predicted": getattr(predicted, pred_kind), "measured": mine.bytes[meas_kind]}
     row["all_states"] = {"predicted": sum(row[k]["predicted"] for k, _ in KINDS), "measured": mine.peak_total}
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, row)
+    rows = all_gather_object(row)
     if rank == 0:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[e.layout.precision]
         acts_measured = saved_activation_bytes(cfg, dtype)

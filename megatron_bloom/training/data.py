@@ -19,6 +19,7 @@ from megatron_bloom.config.validate import LOSS_NORMALIZATIONS
 from megatron_bloom.data.finetune import row_counts
 from megatron_bloom.data.mixtures import weighted_split_paths
 from megatron_bloom.data.samplers import PretrainingSampler
+from megatron_bloom.distributed.collectives import barrier
 from megatron_bloom.errors import UserError
 
 MicroBatch = Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -43,7 +44,7 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
         seq_length=cfg.model.seq_length,
         seed=cfg.training.seed,
         build_on_this_rank=rank == 0,
-        barrier=dist.barrier if dist.is_initialized() else None,
+        barrier=barrier if dist.is_initialized() else None,
     )
     try:
         if train_groups:

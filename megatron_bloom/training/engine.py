@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_bloom.checkpoint.universal import universal_checkpoint_info
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import RunConfig
+from megatron_bloom.distributed.collectives import all_reduce_
 from megatron_bloom.distributed.mpu import DeepSpeedMPU
 from megatron_bloom.distributed.parallel_state import ParallelState
 from megatron_bloom.layers import RNGStatesTracker, seed_dropout_streams
@@ -221,7 +221,7 @@ class BloomEngine:
                 total += loss.detach().float()
             total /= len(micro_batches)
             if self.state.dims.dp > 1:
-                dist.all_reduce(total, group=self.state.dp_group)
+                all_reduce_(total, group=self.state.dp_group)
                 total /= self.state.dims.dp
             loss = total.item()
         norm = self.engine.get_global_grad_norm()
@@ -253,7 +253,7 @@ class BloomEngine:
             total += self.engine(inputs, labels).float()
         total /= max(len(micro_batches), 1)
         if self.state.dims.dp > 1:
-            dist.all_reduce(total, group=self.state.dp_group)
+            all_reduce_(total, group=self.state.dp_group)
             total /= self.state.dims.dp
         return total.item()
 

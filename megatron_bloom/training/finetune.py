@@ -175,8 +175,7 @@ class FinetuneTrainer(Trainer):
             log0("WARNING: no --pretrained and no checkpoint in --load: finetuning a randomly initialised model")
             return None
         c = self.cfg.checkpoint
-        directory, tag = pretrained_checkpoint(src, c.save or c.load, self.cfg.parallel.tensor_model_parallel_size,
-                                               self.rank, self.state.device)
+        directory, tag = pretrained_checkpoint(src, c.save or c.load, self.cfg.parallel.tensor_model_parallel_size)
         self.pretrained_source = src
         state = read_state(os.path.join(directory, tag))
         # Weights only, whatever the source was: fresh optimizer, LR schedule and data position.
@@ -215,7 +214,7 @@ class FinetuneTrainer(Trainer):
     def _reduce(self, meter: GroupLossMeter) -> List[Dict[int, float]]:
         # The last stage computed the losses; its TP ranks hold identical copies: count one.
         contributes = self.state.is_last_stage and self.state.tp_rank == 0
-        return meter.reduce(contributes, self.state.device)
+        return meter.reduce(contributes)
 
     def _named(self, groups: List[Dict[int, float]], suffix: str) -> Tuple[Dict[str, float], Dict[str, float]]:
         langs = {f"{self.names.languages[i]} {suffix}": v for i, v in groups[0].items()}

@@ -34,6 +34,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.distributed.collectives import all_reduce_values, broadcast_object
 from megatron_bloom.errors import RunStopped, UserError
 
 INJECT_ENV = "MEGATRON_BLOOM_TEST_NONFINITE_GRAD"
@@ -133,14 +134,10 @@ class GradientGuard:
             return None
         first = self._first_local()
         world = dist.get_world_size()
-        where = torch.tensor([self.rank if first is not None else world], dtype=torch.int64, device=self.device)
-        dist.all_reduce(where, op=dist.ReduceOp.MIN)
-        src = int(where.item())
+        src = int(all_reduce_values([self.rank if first is not None else world], op="min")[0])
         if src == world:
             return None
-        name = [self.names[first] if src == self.rank else None]
-        dist.broadcast_object_list(name, src=src, device=self.device)
-        return NonFinite(src, name[0])
+        return NonFinite(src, broadcast_object(self.names[first] if src == self.rank else None, src=src))
 
 
 @contextlib.contextmanager

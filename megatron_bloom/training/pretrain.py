@@ -13,7 +13,6 @@ import time
 import warnings
 from typing import Dict
 
-import torch
 import torch.distributed as dist
 
 from megatron_bloom.checkpoint import (
@@ -26,6 +25,7 @@ from megatron_bloom.checkpoint import (
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
+from megatron_bloom.distributed.collectives import all_gather_values, broadcast_values, on_rank0_while_others_poll
 from megatron_bloom.training.data import (
     build_datasets,
     StepReader,
@@ -34,7 +34,7 @@ from megatron_bloom.training.data import (
     skip_sample_ranges_to_add,
 )
 from megatron_bloom.monitoring import TrainingMonitor
-from megatron_bloom.monitoring.metrics import max_rss_mb, rss_mb
+from megatron_bloom.monitoring.metrics import device_memory_mb, max_rss_mb, rss_mb
 from megatron_bloom.training.flops import model_flops_per_iteration
 from megatron_bloom.training.losses import PretrainingLoss
 from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule, total_train_iters
@@ -110,10 +110,12 @@ class Trainer:
                         f"universal checkpoint, which needs ZeRO-1 on both sides (--zero-stage 1)"
                     )
                 load_dir = os.path.join(self.resume.directory, "universal")
-                if self.rank == 0:
-                    log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
-                    convert_to_universal(self.resume.directory, self.resume.tag, load_dir, cfg.model)
-                dist.barrier()
+                log0(f"> layout changed {saved} -> {layout_of(cfg)}: converting {self.resume.path} to {load_dir}")
+                converted = os.path.join(load_dir, self.resume.tag)  # renamed into place when complete
+                on_rank0_while_others_poll(
+                    lambda: convert_to_universal(self.resume.directory, self.resume.tag, load_dir, cfg.model),
+                    done=lambda: os.path.isdir(converted), failure_file=converted + ".failed",
+                    what=f"converting {self.resume.path} to a universal checkpoint")
 
         self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout, loss_class=self.loss_class)
         if self.resume is not None:
@@ -323,7 +325,7 @@ class Trainer:
                     with self.monitor.untimed():
                         self.save()
                     saved = True
-                signal_seen, kill_switch = self.stop.agreed(self.state.device)
+                signal_seen, kill_switch = self.stop.agreed()
                 minutes = (time.time() - start_time) / 60.0
                 reason = None
                 if signal_seen:
@@ -362,19 +364,19 @@ class Trainer:
 
     def _agreed_over_time(self, minutes: float) -> bool:
         # Ranks' clocks differ slightly; rank 0 decides so that every rank stops at the same step.
-        flag = torch.tensor([1.0 if minutes > self.cfg.training.exit_duration_in_mins else 0.0])
-        dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return bool(broadcast_values([minutes > self.cfg.training.exit_duration_in_mins], src=0)[0])
 
     def _memory_by_rank(self) -> Dict[str, list]:
-        """{"max rss MB": [per rank], "rss MB": [per rank]}: the peak, and the resident size now."""
+        """{"max rss MB": [per rank], "rss MB": [...]}: the peak and the resident size now; on an
+        accelerator also its "max allocated MB" and "max reserved MB" (every rank has the same kind)."""
         now = rss_mb()
-        mine = torch.tensor([max_rss_mb(), math.nan if now is None else now], dtype=torch.float64)
-        parts = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(parts, mine)
-        memory = {"max rss MB": [p[0].item() for p in parts]}
+        device = device_memory_mb(self.state.device)
+        parts = all_gather_values([max_rss_mb(), math.nan if now is None else now, *device.values()])
+        memory = {"max rss MB": [p[0] for p in parts]}
         if now is not None:
-            memory["rss MB"] = [p[1].item() for p in parts]
+            memory["rss MB"] = [p[1] for p in parts]
+        for i, name in enumerate(device, start=2):
+            memory[name] = [p[i] for p in parts]
         return memory
 
 

@@ -11,8 +11,9 @@ import os
 import signal
 from typing import Optional
 
-import torch
 import torch.distributed as dist
+
+from megatron_bloom.distributed.collectives import all_reduce_values
 
 EXIT_REQUEUE = 3
 """Exit code meaning "saved, please requeue me" (the sbatch scripts check for it)."""
@@ -43,11 +44,9 @@ class StopRequests:
     def kill_switch(self) -> bool:
         return bool(self.kill_switch_path) and os.path.exists(self.kill_switch_path)
 
-    def agreed(self, device: torch.device) -> tuple[bool, bool]:
+    def agreed(self) -> tuple[bool, bool]:
         """(signal on any rank, kill switch on any rank), the same answer on every rank."""
-        flags = torch.tensor(
-            [1.0 if self.signal_received is not None else 0.0, 1.0 if self.kill_switch() else 0.0], device=device
-        )
+        flags = [1.0 if self.signal_received is not None else 0.0, 1.0 if self.kill_switch() else 0.0]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), bool(flags[1].item())
+            flags = all_reduce_values(flags, op="max")
+        return bool(flags[0]), bool(flags[1])

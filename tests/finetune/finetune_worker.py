@@ -120,7 +120,7 @@ def run(prefix, tp, pp, zero, mbs, manual=False, isolation=False):
 
 def _reduce(engine, state):
     meter = engine.module.loss_fn.meter
-    return meter.reduce(state.is_last_stage and state.tp_rank == 0, state.device)
+    return meter.reduce(state.is_last_stage and state.tp_rank == 0)
 
 
 def _isolation(engine, state, rows, pp, mbs):
@@ -216,7 +216,7 @@ def run_t0(prefix, tp, mbs):
         evaluated = engine.eval_step(batches)
         meter.reset()
         step = engine.train_step(batches)
-        groups = meter.reduce(state.is_last_stage and state.tp_rank == 0, state.device)
+        groups = meter.reduce(state.is_last_stage and state.tp_rank == 0)
         out[name] = {"consumed": consumed, "logits": logits.numpy(), "eval": evaluated, "step": step.loss,
                      "grad_norm": step.grad_norm, "groups": groups}
     return out
