@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # shared ~/.cache/torch_extensions leaves a lock file that every later build waits on forever.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast gpu-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
+
+# Every entry point once on one NVIDIA GPU, checked (docs/gpu-smoke.md); not part of `make test`.
+# Needs a CUDA build of torch in $(VENV). GPU_SMOKE_ARGS="--device cpu" rehearses it on CPU.
+GPU_SMOKE_ARGS ?=
+gpu-smoke: $(STAMP)
+	$(PY) benchmarks/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
