@@ -18,6 +18,12 @@ Special tokens, the same for ``launch/generate.py``, the demo and every evaluati
 
 Padded vocabulary rows (added for TP divisibility) are never sampled: the LM head already gives
 them ``finfo.min``, and the sampler sets every logit at or beyond ``vocab_size`` to -inf as well.
+
+Everything runs on the model's device (``--device``, checked by ``resolve_device`` before any
+weight is read): prompt ids and masks are made there, the KV cache stays there, and a seeded
+sample draws from a ``torch.Generator`` of that device. The code is the same for every device
+(no CUDA branch), so CPU tests run what a GPU runs; the same seed gives different samples on
+different device types (each has its own random stream).
 """
 from __future__ import annotations
 
@@ -31,6 +37,40 @@ from torch import Tensor
 
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
+
+DEVICE_HELP = "torch device to run on, e.g. cpu, cuda, cuda:1 (default cpu)"
+"""``--device`` help of generate.py and evaluate.py (the same flag, the same words)."""
+
+
+class DeviceUnavailable(UserError):
+    """A well-formed device name this machine cannot run on (e.g. cuda without a GPU)."""
+
+
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """``device`` (default cpu) as a ``torch.device`` that works here, else a ``UserError``.
+
+    It is tried, not looked up: one float is made on it and read back, which is what decoding does
+    with every token, so a device that is absent (no driver, an index past the last GPU) or holds
+    no data (meta) fails here, in one line, before any weight is read.
+    """
+    spec = str(device) if device is not None else "cpu"  # as given: torch.device("cuda:999") prints cuda:-25
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"device {spec!r} is not a torch device name ({first}); use e.g. cpu, cuda or cuda:1") from None
+    try:
+        torch.zeros(1, device=dev).tolist()
+    except Exception as exc:  # noqa: BLE001 - each backend fails its own way (AssertionError, RuntimeError, ...)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DeviceUnavailable(f"device {spec!r} cannot be used on this machine ({type(exc).__name__}: "
+                                f"{first}); choose an available device, e.g. cpu") from None
+    return dev
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights: where its inputs are made and its samples drawn."""
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -75,6 +115,8 @@ class LoadedModel:
     """``data.tokenizer.Tokenizer`` when loaded with ``with_tokenizer``."""
     ids: Optional[SpecialTokens] = None
     """Resolved special ids (see the module docstring) when loaded with ``with_tokenizer``."""
+    device: torch.device = torch.device("cpu")
+    """Where ``model`` lives (``resolve_device``'s answer for the device asked for)."""
 
 
 def load_model(
@@ -83,18 +125,21 @@ def load_model(
     attention_impl: Optional[str] = None,
     tokenizer: Optional[str] = None,
     with_tokenizer: bool = False,
+    device: Optional[str | torch.device] = None,
 ) -> LoadedModel:
-    """Load a native checkpoint or a transformers folder into one process.
+    """Load a native checkpoint or a transformers folder into one process, on ``device`` (default cpu).
 
     With ``with_tokenizer`` (implied by ``tokenizer``) the tokenizer is loaded too: the
     ``tokenizer`` folder, else the checkpoint's own files (a transformers folder's, a native
-    checkpoint's ``tokenizer/``); a given folder is checked before any weight is read.
+    checkpoint's ``tokenizer/``). The device and a given tokenizer folder are checked before any
+    weight is read.
     """
     from megatron_bloom.checkpoint.files import TOKENIZER_DIR, has_tokenizer_files, tokenizer_files
     from megatron_bloom.checkpoint.native import checkpoint_special_tokens, model_from_state_dict, read_native_checkpoint
 
+    dev = resolve_device(device)  # a wrong --device fails before the model is read
     if tokenizer:
-        tokenizer_files(tokenizer)  # a wrong --tokenizer fails before the model is read
+        tokenizer_files(tokenizer)  # so does a wrong --tokenizer
     if not os.path.isdir(path):
         raise UserError(f"--load {path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -109,8 +154,8 @@ def load_model(
         special = checkpoint_special_tokens(path)
         candidate = os.path.join(path, TOKENIZER_DIR)
         tokenizer_dir = candidate if os.path.isdir(candidate) and has_tokenizer_files(candidate) else None
-    model = model_from_state_dict(cfg, sd, dtype, attention_impl)
-    loaded = LoadedModel(model, cfg, tokenizer or tokenizer_dir, special)
+    model = model_from_state_dict(cfg, sd, dtype, attention_impl).to(dev)
+    loaded = LoadedModel(model, cfg, tokenizer or tokenizer_dir, special, device=dev)
     if tokenizer or with_tokenizer:
         if loaded.tokenizer_dir is None:
             raise UserError(f"{path} has no tokenizer files; pass the tokenizer folder "
@@ -124,10 +169,10 @@ def load_model(
 
 @torch.no_grad()
 def prompt_logprobs(model, ids: Sequence[int]) -> List[float]:
-    """``[log p(ids[i+1] | ids[:i+1]) for i in range(len(ids) - 1)]`` in float32."""
+    """``[log p(ids[i+1] | ids[:i+1]) for i in range(len(ids) - 1)]`` in float32, on the model's device."""
     if len(ids) < 2:
         return []
-    tokens = torch.tensor([list(ids)], dtype=torch.long)  # [1, s]
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model_device(model))  # [1, s]
     logits = model(tokens)[0, :-1].float()  # [s-1, v]
     logp = logits.log_softmax(-1)  # padded rows hold finfo.min: exp() is 0, the normaliser is unchanged
     return logp.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
@@ -136,7 +181,8 @@ def prompt_logprobs(model, ids: Sequence[int]) -> List[float]:
 def _next_tokens(
     logits: Tensor, vocab_size: int, temperature: float, top_p: float, generator: Optional[torch.Generator]
 ) -> Tensor:
-    """``[b, v]`` logits -> ``[b]`` token ids: argmax when ``temperature <= 0``, else top-p sampling."""
+    """``[b, v]`` logits -> ``[b]`` token ids: argmax when ``temperature <= 0``, else top-p sampling
+    drawn from ``generator`` (on the logits' device; ``None`` is that device's default stream)."""
     logits = logits.float().clone()
     logits[:, vocab_size:] = float("-inf")  # padded rows
     if temperature <= 0:
@@ -162,7 +208,7 @@ def generate(
     pad_token_id: int = 0,
 ) -> List[List[int]]:
     """New token ids for each prompt (EOS included when reached): ``decode`` after checking the
-    prompts and ``top_p``. ``temperature <= 0`` is greedy; ``seed`` fixes a sample."""
+    prompts and ``top_p``. ``temperature <= 0`` is greedy; ``seed`` fixes a sample (per device type)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     if not 0.0 < top_p <= 1.0:
@@ -172,10 +218,7 @@ def generate(
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-    return decode(model, prompts, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator)
+    return decode(model, prompts, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, seed)
 
 
 @torch.no_grad()
@@ -187,14 +230,18 @@ def decode(
     pad_token_id: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
     is_done: Optional[Callable[[int, List[int]], bool]] = None,
 ) -> List[List[int]]:
     """New tokens per prompt: at most ``max_new_tokens``, ending at EOS (kept) or when
     ``is_done(row, new_tokens)`` is true (lm-eval's ``until`` strings); the batch stops when every
-    row has. Prompts are left-padded with ``pad_token_id`` and masked; the batch runs on the
-    model's device. Greedy when ``temperature <= 0``."""
-    device = next(model.parameters()).device
+    row has. Prompts are left-padded with ``pad_token_id`` and masked. Greedy when
+    ``temperature <= 0``; a sample with ``seed`` draws from a generator of the model's device
+    seeded with it, without ``seed`` from that device's default stream.
+
+    Ids, mask and generator are made on the model's device (never made elsewhere and moved), so
+    the KV cache the model returns stays there; only the sampled ids come back, once per step."""
+    device = model_device(model)
     b = len(prompts)
     outputs: List[List[int]] = [[] for _ in range(b)]
     if b == 0 or max_new_tokens <= 0:
@@ -202,28 +249,27 @@ def decode(
     if any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
-    input_ids = torch.full((b, longest), pad_token_id, dtype=torch.long)  # [b, s]
-    mask = torch.zeros(b, longest, dtype=torch.long)  # [b, s]
-    for i, p in enumerate(prompts):
-        input_ids[i, longest - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, longest - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    use_mask = bool((mask == 0).any())  # without padding the mask-free causal path is the same
+    input_ids = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts],
+                             dtype=torch.long, device=device)  # [b, s], left-padded
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts],
+                        dtype=torch.long, device=device)  # [b, s]
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    use_mask = any(len(p) < longest for p in prompts)  # without padding the mask-free causal path is the same
     vocab_size = model.config.vocab_size
     done = [False] * b
     logits, cache = model(input_ids, attention_mask=mask if use_mask else None, use_cache=True)  # [b, s, v]
     for step in range(max_new_tokens):
-        tokens = _next_tokens(logits[:, -1], vocab_size, temperature, top_p, generator)  # [b]
+        tokens = _next_tokens(logits[:, -1], vocab_size, temperature, top_p, generator).tolist()  # b ids, one copy
         for i in range(b):
             if done[i]:
                 continue
-            token = int(tokens[i])
+            token = tokens[i]
             outputs[i].append(token)
             done[i] = (eos_token_id is not None and token == eos_token_id) or (
                 is_done is not None and is_done(i, outputs[i]))
         if all(done) or step == max_new_tokens - 1:
             break
-        feed = torch.tensor([pad_token_id if d else int(t) for d, t in zip(done, tokens)], device=device)  # [b]
+        feed = torch.tensor([pad_token_id if d else t for d, t in zip(done, tokens)], device=device)  # [b]
         if use_mask:
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long, device=device)], dim=1)  # [b, past + 1]
         logits, cache = model(feed[:, None], attention_mask=mask if use_mask else None,

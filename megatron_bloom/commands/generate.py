@@ -2,6 +2,7 @@
 
     python launch/generate.py --load CKPT --prompt "The capital of France is" --max-new-tokens 20
     python launch/generate.py --load HF_DIR --prompt "Once" --temperature 0.8 --top-p 0.9 --seed 1 --json
+    python launch/generate.py --load CKPT --prompt "Once" --device cuda --dtype bf16
 
 Greedy unless ``--temperature`` > 0. ``--prompt`` may be repeated: the prompts run as one batch
 (left-padded). The tokenizer comes from ``--tokenizer``, else from the checkpoint (a transformers
@@ -9,6 +10,11 @@ folder's own files, a native checkpoint's ``tokenizer/``). Prints each continuat
 ``--json`` each prompt instead gives one JSON line
 ``{"prompt_ids", "generated_ids", "prompt_logprobs", "text"}`` (the last line for one prompt), where
 ``prompt_logprobs[i] = log p(prompt_ids[i+1] | prompt_ids[:i+1])``.
+
+``--device`` (default cpu) is where the model is loaded and everything runs: prompt ids, masks, the
+KV cache and the sampling generator (see ``megatron_bloom/generation.py``). A device this machine
+cannot use is refused in one ``error:`` line before any weight is read. A ``--seed`` fixes the
+sample on one device type; CPU and GPU draw from different random streams.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 
 from megatron_bloom.cli import entry_point
 from megatron_bloom.errors import ArgumentParser, UserError
+from megatron_bloom.generation import DEVICE_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's own)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="run in this dtype (default: stored)")
     p.add_argument("--attention-impl", choices=["sdpa", "eager"], default=None, help="attention kernel")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 
@@ -50,7 +58,7 @@ def generate_command(argv=None) -> int:
 
     # Tokenizer and special ids as generation.py's docstring orders them.
     loaded = load_model(args.load, dtype=args.dtype, attention_impl=args.attention_impl, tokenizer=args.tokenizer,
-                        with_tokenizer=True)
+                        with_tokenizer=True, device=args.device)
     tokenizer, special = loaded.tokenizer, loaded.ids
     # An empty prompt is conditioned on the prefix token alone.
     prompt_ids = [tokenizer.encode(text) or [special.prefix()] for text in args.prompt]

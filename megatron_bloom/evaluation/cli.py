@@ -7,7 +7,8 @@
 folder. ``--task ppl`` (default) reads ``{"text": ..., "language": ...}`` rows (see
 ``perplexity.py`` for the windowing and the BOS prefix); ``--task mc`` reads
 ``{"context", "choices", "label", "task"?, "language"?}`` rows (see ``multiple_choice.py``).
-Prints a table, and with ``--json`` one JSON object as the last line. Bad input ends with one
+``--device`` (default cpu) is where the model is loaded and every batch is scored; a device this
+machine cannot use is refused before any weight is read. Prints a table, and with ``--json`` one JSON object as the last line. Bad input ends with one
 ``error: ...`` line and exit code 2.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 from megatron_bloom.errors import ArgumentParser, UserError
 from megatron_bloom.evaluation.multiple_choice import MC_METRICS
 from megatron_bloom.evaluation.perplexity import PPL_METRICS
+from megatron_bloom.generation import DEVICE_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's own)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="run in this dtype (default: stored)")
     p.add_argument("--attention-impl", choices=["sdpa", "eager"], default=None, help="attention kernel")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     p.add_argument("--tensorboard-dir", default=None, help="also write eval/<metric>/<group> scalars here")
     p.add_argument("--tensorboard-step", type=int, default=None,

@@ -9,6 +9,11 @@ forward pass; default the tokenizer's model_max_length, else the checkpoint's se
 ``max_gen_toks`` (256), ``dtype`` (fp32/fp16/bf16), ``attention_impl`` (sdpa/eager), ``device``,
 ``add_bos_token``, ``prefix_token_id``.
 
+``device`` (``model_args`` or lm-eval's ``--device``) is where the model is loaded and where every
+batch, KV cache and sampling generator is made. lm-eval's CLI passes ``cuda:0`` unless told
+otherwise, so a device this machine cannot use falls back, with a warning, to its accelerator, else
+the CPU (as lm-eval's ``hf`` model does); a name that is no torch device at all is an error.
+
 It follows the conventions of lm-eval's ``hf`` model so per-sample numbers agree with it on the
 same weights: loglikelihood via ``TemplateLM`` (trailing context spaces move to the continuation,
 an empty context is the prefix token, BOS else EOS), right-padded batches sorted longest first
@@ -37,7 +42,7 @@ from tqdm import tqdm
 
 from megatron_bloom.errors import UserError
 from megatron_bloom.evaluation.loading import load_for_eval
-from megatron_bloom.generation import decode
+from megatron_bloom.generation import DeviceUnavailable, decode, resolve_device
 from megatron_bloom.evaluation.scoring import score_requests, sliding_windows
 
 eval_logger = logging.getLogger(__name__)
@@ -49,6 +54,17 @@ def _int_arg(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise UserError(f"model_args {name}={value!r} must be an integer") from None
+
+
+def _device_or_fallback(device: Optional[str]) -> torch.device:
+    """``device`` (default cpu) if this machine can run on it, else its accelerator, else the CPU;
+    see the module docstring."""
+    try:
+        return resolve_device(device)
+    except DeviceUnavailable as exc:
+        fallback = torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+        eval_logger.warning(f"{exc}; running on {fallback} instead")
+        return fallback
 
 
 @register_model("megatron_bloom")
@@ -82,11 +98,7 @@ class MegatronBloomLM(TemplateLM):
         self.batch_size = _int_arg("batch_size", batch_size)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's CLI passes cuda:0 unless told otherwise; fall back to the CPU as its hf model does.
-            eval_logger.warning(f"device {device} is not available; running on cpu")
-            device = "cpu"
-        self.em = load_for_eval(str(load), tokenizer, dtype, attention_impl, device)
+        self.em = load_for_eval(str(load), tokenizer, dtype, attention_impl, _device_or_fallback(device))
         self.tokenizer = self.em.tokenizer
         self._device = self.em.device
         self.max_length = (_int_arg("max_length", max_length) if max_length is not None
@@ -148,7 +160,7 @@ class MegatronBloomLM(TemplateLM):
                               ) -> List[Tuple[float, bool]]:
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running loglikelihood requests")
         scores = score_requests(self.em.model, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
-                                override_bs or self.batch_size, self.device, progress=pbar.update)
+                                override_bs or self.batch_size, progress=pbar.update)
         pbar.close()
         for (key, _, _), answer in zip(requests, scores):
             if key is not None:
@@ -189,14 +201,14 @@ class MegatronBloomLM(TemplateLM):
                                 f"max_length={self.max_length}")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) or [self.prefix_token_id] for c in contexts]
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            generator = torch.Generator().manual_seed(int(kwargs["seed"])) if "seed" in kwargs else None
+            seed = int(kwargs["seed"]) if "seed" in kwargs else None  # a generator on the model's device
 
             def stopped(_row: int, new: List[int]) -> bool:
                 text = self.tok_decode(new, skip_special_tokens=False)
                 return any(s and s in text for s in until)
 
             new_tokens = decode(self.em.model, prompts, max_gen_toks, self.em.eos_id, self.em.pad_id,
-                                temperature, float(kwargs.get("top_p", 1.0)), generator, is_done=stopped)
+                                temperature, float(kwargs.get("top_p", 1.0)), seed, is_done=stopped)
             for context, gen_kwargs, new in zip(contexts, all_kwargs, new_tokens):
                 text = postprocess_generated_text(self.tok_decode(new), until, None)
                 results.append(text)

@@ -1,9 +1,9 @@
 """A checkpoint (native at any TP/PP, or a transformers folder) and its tokenizer, ready to score.
 
 Loading is ``megatron_bloom.generation.load_model`` (native checkpoints are merged to one
-process), with the tokenizer and the special ids resolved there; this module adds what evaluation
-needs on top: the model's device, a default window length and the checkpoint's iteration (the
-TensorBoard step of its results).
+process), with the device checked, the model moved there, and the tokenizer and the special ids
+resolved there; this module adds what evaluation needs on top: a default window length and the
+checkpoint's iteration (the TensorBoard step of its results).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class EvalModel:
     iteration: int
     """Training iteration of a native checkpoint, 0 for a transformers folder."""
     device: torch.device
+    """Where ``model`` lives; every batch scored is made there (``scoring.score_requests``)."""
 
     @property
     def vocab_size(self) -> int:
@@ -85,12 +86,15 @@ def load_for_eval(
     attention_impl: Optional[str] = None,
     device: Optional[str] = None,
 ) -> EvalModel:
-    """Load ``load`` and its tokenizer (``tokenizer`` folder, else the checkpoint's own files).
+    """Load ``load`` and its tokenizer (``tokenizer`` folder, else the checkpoint's own files) on
+    ``device`` (default cpu; ``generation.resolve_device`` checks it before any weight is read).
 
-    Every failure is a ``UserError`` naming the path: a checkpoint that does not load is bad input.
+    Every failure is a ``UserError`` naming the path or the device: a checkpoint that does not load
+    is bad input.
     """
     try:
-        loaded = load_model(load, dtype=dtype, attention_impl=attention_impl, tokenizer=tokenizer, with_tokenizer=True)
+        loaded = load_model(load, dtype=dtype, attention_impl=attention_impl, tokenizer=tokenizer, with_tokenizer=True,
+                            device=device)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch/safetensors/json raise many kinds on a bad file
@@ -100,10 +104,6 @@ def load_for_eval(
     vocab = loaded.config.vocab_size
     if len(tok) > vocab:
         raise UserError(f"the tokenizer in {loaded.tokenizer_dir} has {len(tok)} tokens but the model only {vocab} rows")
-    dev = torch.device(device or "cpu")
-    try:
-        model = loaded.model.to(dev)
-    except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without it
-        raise UserError(f"cannot move the model to device {device!r} ({str(exc).splitlines()[0][:200]})") from None
-    return EvalModel(model=model.eval(), tokenizer=tok, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
-                     seq_length=_seq_length(load, loaded.config.seq_length), iteration=_iteration(load), device=dev)
+    return EvalModel(model=loaded.model, tokenizer=tok, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
+                     seq_length=_seq_length(load, loaded.config.seq_length), iteration=_iteration(load),
+                     device=loaded.device)

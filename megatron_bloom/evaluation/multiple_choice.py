@@ -65,7 +65,7 @@ def score_choices(
             if len(cont) > max_length:
                 raise UserError(f"line {ex.line}: a choice of {len(cont)} tokens does not fit --max-length {max_length}")
             requests.append((ctx, cont))
-    scores = score_requests(em.model, requests, max_length, batch_size, em.device)
+    scores = score_requests(em.model, requests, max_length, batch_size)
     out, i = [], 0
     for ex in examples:
         n = len(ex.choices)

@@ -99,7 +99,7 @@ def evaluate_perplexity(
             windows = sliding_windows(tokens, prefix_id, max_length, stride)
             requests.extend(windows)
             owner.extend([i] * len(windows))
-        scores = score_requests(em.model, requests, max_length, batch_size, em.device)
+        scores = score_requests(em.model, requests, max_length, batch_size)
         nll = [0.0] * len(chunk)
         for i, (logprob, _) in zip(owner, scores):
             nll[i] -= logprob

@@ -11,6 +11,9 @@ The conventions are lm-evaluation-harness's (``--model hf``), so per-request num
 * requests are sorted longest first (ties by token ids) and batched RIGHT-padded without an
   attention mask: attention is causal, so padding after a row's last token never reaches it;
 * log-softmax in float32 over the real vocabulary rows (the TP padding rows are dropped first).
+
+Batches are made on the model's device (``generation.model_device``), and each batch's scores come
+back to the host in one copy.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from megatron_bloom.generation import model_device
 
 Request = Tuple[Sequence[int], Sequence[int]]
 """``(context_ids, continuation_ids)``; both non-empty."""
@@ -77,10 +82,9 @@ def score_requests(
     requests: Sequence[Request],
     max_length: int,
     batch_size: int = 1,
-    device: Optional[torch.device] = None,
     progress: Optional[Callable[[int], None]] = None,
 ) -> List[Tuple[float, bool]]:
-    """``(log-likelihood, is_greedy)`` of each request, in the order given.
+    """``(log-likelihood, is_greedy)`` of each request, in the order given, on the model's device.
 
     ``model`` is our ``BloomForCausalLM`` (logits ``[b, s, padded_vocab]``). ``progress`` is called
     with the number of requests finished after each batch.
@@ -88,7 +92,7 @@ def score_requests(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     vocab_size = model.config.vocab_size
-    device = device or next(model.parameters()).device
+    device = model_device(model)
     for ctx, cont in requests:
         if not ctx or not cont:
             raise ValueError("every request needs a non-empty context and continuation")
@@ -105,17 +109,19 @@ def score_requests(
         chunk = order[start : start + batch_size]
         inputs = [model_input(requests[i][0], requests[i][1], max_length) for i in chunk]
         width = max(len(x) for x in inputs)
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)  # [b, s], right-padded with id 0
-        for row, ids in enumerate(inputs):
-            batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        logits = model(batch.to(device))[..., :vocab_size]  # [b, s, vocab]
+        batch = torch.tensor([ids + [0] * (width - len(ids)) for ids in inputs], dtype=torch.long,
+                             device=device)  # [b, s], right-padded with id 0
+        logits = model(batch)[..., :vocab_size]  # [b, s, vocab]
         logp = F.log_softmax(logits.float(), dim=-1)  # [b, s, vocab]
+        sums, greedy = [], []
         for row, i in enumerate(chunk):
-            cont = torch.tensor(list(requests[i][1]), dtype=torch.long, device=logp.device)  # [c]
+            cont = torch.tensor(list(requests[i][1]), dtype=torch.long, device=device)  # [c]
             n_in = len(inputs[row])
             scored = logp[row, n_in - len(cont) : n_in]  # [c, vocab]: the positions predicting cont
-            greedy = bool((scored.argmax(-1) == cont).all())
-            results[i] = (float(scored.gather(-1, cont[:, None]).sum()), greedy)
+            sums.append(scored.gather(-1, cont[:, None]).sum())
+            greedy.append((scored.argmax(-1) == cont).all())
+        for i, logprob, is_greedy in zip(chunk, torch.stack(sums).tolist(), torch.stack(greedy).tolist()):
+            results[i] = (logprob, is_greedy)
         if progress is not None:
             progress(len(chunk))
     return results  # type: ignore[return-value]
