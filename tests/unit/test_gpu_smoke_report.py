@@ -85,7 +85,10 @@ def test_resume_comparison_is_bitwise():
     straight = {1: 7.0, 2: 6.5, 3: 6.25, 4: 6.0}
     assert gpu_smoke.compare_curves(straight, {3: 6.25, 4: 6.0}, [3, 4]) is None
     next_float32 = float(np.nextafter(np.float32(6.0), np.float32(7.0)))  # one float32 ulp above 6.0
-    assert "from step 4 on" in gpu_smoke.compare_curves(straight, {3: 6.25, 4: next_float32}, [3, 4])
+    assert "from step 4 on (after 1 resumed update(s))" in gpu_smoke.compare_curves(
+        straight, {3: 6.25, 4: next_float32}, [3, 4])
+    assert "from step 3 on (the first resumed step)" in gpu_smoke.compare_curves(
+        straight, {3: 6.5, 4: 6.0}, [3, 4])
     assert "expected [3, 4]" in gpu_smoke.compare_curves(straight, {4: 6.0}, [3, 4])
     assert "expected [3, 4]" in gpu_smoke.compare_curves(straight, {2: 6.5, 3: 6.25, 4: 6.0}, [3, 4])
 
