@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="gpu_smoke.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cuda (the smoke run: NCCL, bf16/fp16) or cpu (its rehearsal: gloo, fp32, tiny sizes)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="even, >= 2 (default: cuda 20, cpu 6)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="even, >= 4 (default: cuda 20, cpu 6)")
     p.add_argument("--finetune-steps", type=int, default=None, help=">= 1 (default: cuda 10, cpu 3)")
     p.add_argument("--work-dir", default=None,
                    help="folder for inputs, checkpoints and logs (default: a new temporary folder, deleted after "
@@ -487,7 +487,8 @@ def run_smoke(args, work: str) -> Dict[str, str]:
                          "--save", paths["finetune"], "--load", paths["finetune"],
                          "--tensorboard-dir", os.path.join(paths["tb"], "finetune")], "finetune")
         losses = check_trained(out, m, "finetuning")
-        skipped = log_field(iteration_lines(out)[-1], "number of skipped iterations") or 0
+        # Per logged interval (one step each here), as Megatron counts them.
+        skipped = sum(log_field(line, "number of skipped iterations") or 0 for line in iteration_lines(out))
         if skipped >= m:
             raise StepFailed(f"every one of the {m} finetuning steps was skipped (fp16 overflow)", out[-3000:])
         train["finetune"] = TrainFacts(profile.finetune_dtype, losses, tokens_per_second(out), peak_memory(out),
@@ -548,8 +549,9 @@ def run_smoke(args, work: str) -> Dict[str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.pretrain_steps is not None and (args.pretrain_steps < 2 or args.pretrain_steps % 2):
-        fail(f"--pretrain-steps must be even and >= 2 (it saves and resumes at half), got {args.pretrain_steps}")
+    if args.pretrain_steps is not None and (args.pretrain_steps < 4 or args.pretrain_steps % 2):
+        fail(f"--pretrain-steps must be even (it saves and resumes at half) and >= 4 (2 are warmup), "
+             f"got {args.pretrain_steps}")
     if args.finetune_steps is not None and args.finetune_steps < 1:
         fail(f"--finetune-steps must be >= 1, got {args.finetune_steps}")
     check_device(args.device)
