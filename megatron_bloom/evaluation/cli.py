@@ -8,8 +8,8 @@ folder. ``--task ppl`` (default) reads ``{"text": ..., "language": ...}`` rows (
 ``perplexity.py`` for the windowing and the BOS prefix); ``--task mc`` reads
 ``{"context", "choices", "label", "task"?, "language"?}`` rows (see ``multiple_choice.py``).
 ``--device`` (default cpu) is where the model is loaded and every batch is scored; a device this
-machine cannot use is refused before any weight is read. Prints a table, and with ``--json`` one JSON object as the last line. Bad input ends with one
-``error: ...`` line and exit code 2.
+machine cannot use is refused before any weight is read. Prints a table, and with ``--json`` one
+JSON object as the last line. Bad input ends with one ``error: ...`` line and exit code 2.
 """
 from __future__ import annotations
 
