@@ -10,9 +10,15 @@ The bias is built in two steps so the expensive, head-independent part is done o
 
 * ``make_alibi_mask`` -> ``AlibiMask``: key positions and a boolean "may attend" tensor, from the
   padding mask, the packed-sample segment ids and the KV-cache length.
-* ``AlibiMask.bias(slopes, dtype)`` -> ``[b, np, sq, sk]`` float bias for the heads whose slopes
-  are given. Tensor parallelism gives each rank a contiguous block of heads; pass it
+* ``AlibiMask.bias(slopes, dtype, heads)`` -> ``[b|1, np, sq, sk]`` float bias for the heads whose
+  slopes are given. Tensor parallelism gives each rank a contiguous block of heads; pass it
   ``alibi_slopes(num_heads)[start:end]``.
+
+The dense bias is large (BLOOM-176B at TP=4: 28 heads x 2048^2 x 2 bytes = 235 MB; packed BLOOMZ-7b1
+micro-batches of 4: 1 GB) and attention kernels keep it for backward, so it is built once per
+forward and shared: a mask given a ``heads`` name returns the same tensor to every layer asking for
+those heads in that dtype (every layer of one rank does), and ``AlibiMaskCache`` hands the pipeline
+blocks of a stage, which receive only ``(hidden, segment_ids)``, one mask per micro-batch.
 
 Masked entries hold ``torch.finfo(dtype).min`` (not ``-inf``) as transformers does: a row with no
 visible key (a left-padding query) then gets a uniform softmax instead of NaN.
@@ -20,8 +26,8 @@ visible key (a left-padding query) then gets a uniform softmax instead of NaN.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,6 +69,8 @@ class AlibiMask:
     """float32 ``[b|1, sk]``: ALiBi position of each key (0 on masked keys)."""
     allowed: Tensor
     """bool ``[b|1, 1, sq, sk]``: True where the query may attend to the key."""
+    biases: Dict[Tuple[Hashable, torch.dtype], Tensor] = field(default_factory=dict, repr=False, compare=False)
+    """The biases built so far, by ``(heads, dtype)``; they live as long as the mask."""
 
     @property
     def query_length(self) -> int:
@@ -72,8 +80,23 @@ class AlibiMask:
     def key_length(self) -> int:
         return self.allowed.shape[-1]
 
-    def bias(self, slopes: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Float bias ``[b|1, np, sq, sk]`` for the heads whose slopes are given."""
+    def bias(self, slopes: Tensor, dtype: torch.dtype = torch.float32, heads: Optional[Hashable] = None) -> Tensor:
+        """Float bias ``[b|1, np, sq, sk]`` for the heads whose slopes are given.
+
+        ``heads`` names the heads ``slopes`` belong to (``BloomAttention`` passes ``(first head,
+        count, total heads)``, which fix the slopes): the bias is built by the first call with that
+        name and dtype, and later calls get the same tensor. Without a name it is built every time.
+        The name is a host-side key so that no layer compares slopes on the device (a sync).
+        """
+        if heads is None:
+            return self.build_bias(slopes, dtype)
+        key = (heads, dtype)
+        if key not in self.biases:
+            self.biases[key] = self.build_bias(slopes, dtype)
+        return self.biases[key]
+
+    def build_bias(self, slopes: Tensor, dtype: torch.dtype) -> Tensor:
+        """A new float bias ``[b|1, np, sq, sk]`` (see ``bias``, which shares one)."""
         slopes = slopes.to(device=self.key_positions.device, dtype=torch.float32)
         # Product in float32 and one rounding to dtype, as transformers builds its alibi tensor.
         alibi = slopes[None, :, None, None] * self.key_positions[:, None, None, :]  # [b|1, np, 1, sk]
@@ -149,6 +172,45 @@ def make_alibi_mask(
     positions = torch.where(keep, positions, torch.zeros_like(positions))  # [b, sk]
     allowed = allowed & keep[:, None, None, :]  # [b, 1, sq, sk]
     return AlibiMask(positions.float(), allowed)
+
+
+class AlibiMaskCache:
+    """The mask of the latest forward, for pipeline blocks that each rebuild it from what reaches them.
+
+    A pipeline block receives ``(hidden, segment_ids)`` or ``hidden`` (a mask cannot travel
+    between stages, and a block does not know whether it is the last of its stage). The blocks of
+    one stage share one cache: the first block of a micro-batch's forward builds the mask, the
+    others get the same one, and with it the same bias (``AlibiMask.bias``).
+
+    The key is the sequence length, the device and the segment ids: the same tensor object, not
+    written since (its version counter), and held here so that its identity cannot pass to a new
+    tensor. Without segment ids the mask depends on the length alone and serves every
+    micro-batch; a recomputed block (activation checkpointing replays the block's inputs, the same
+    objects) finds its micro-batch's mask if it is still the latest, else rebuilds it once for
+    all blocks of the stage. The latest mask stays alive until the next one replaces it.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[Tuple[int, torch.device, Union[int, object, None]]] = None
+        self._segment_ids: Optional[Tensor] = None
+        self._mask: Optional[AlibiMask] = None
+
+    def __repr__(self) -> str:
+        return "AlibiMaskCache()"
+
+    def get(self, query_length: int, segment_ids: Optional[Tensor], device: torch.device) -> AlibiMask:
+        """``make_alibi_mask(query_length, segment_ids=segment_ids, device=device)``, shared."""
+        if segment_ids is None:
+            version = None
+        else:
+            # Inference tensors have no version counter: they are never taken from the cache.
+            version = object() if segment_ids.is_inference() else segment_ids._version
+        key = (query_length, torch.device(device), version)
+        if self._mask is None or key != self._key or segment_ids is not self._segment_ids:
+            self._mask = self._segment_ids = None  # freed (unless saved for backward) before the next is built
+            self._mask = make_alibi_mask(query_length, 0, None, segment_ids, device)
+            self._key, self._segment_ids = key, segment_ids
+        return self._mask
 
 
 def build_alibi_bias(

@@ -14,6 +14,9 @@ Nothing here imports ``torch.distributed``. The parallel forms are made by repla
 * Pipeline stages use the pieces one by one: ``BloomModel.embed``, ``make_alibi_mask``, each
   ``BloomBlock``, then ``BloomForCausalLM.head`` (``ln_f`` + ``lm_head``).
 
+One ``AlibiMask`` per forward is passed to every block (and to the recomputed ones): its dense
+ALiBi bias is built by the first layer and shared by all (see ``alibi.py``).
+
 Notation in shape comments: b batch, s / sq / sk sequence (query / key), h hidden, np local
 attention heads, hn head dim, v (padded, local) vocabulary rows.
 """
@@ -120,7 +123,9 @@ class BloomAttention(nn.Module):
             value = torch.cat([layer_past[1], value], dim=2)  # [b, np, sk, hn]
         present = (key, value) if use_cache else None
 
-        bias = mask.bias(self.alibi_slopes, query.dtype)  # [b|1, np, sq, sk]
+        # Built by the first layer and shared by the others (the same tensor, kept once for backward).
+        heads = (self.head_start, np_local, self.total_heads)
+        bias = mask.bias(self.alibi_slopes, query.dtype, heads)  # [b|1, np, sq, sk]
         if self.attention_impl == "sdpa":
             # The kernel drops probabilities with the device's default generator: drawn inside the
             # tracker's fork, the masks come from this rank's tensor-parallel stream.

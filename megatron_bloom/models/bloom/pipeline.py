@@ -25,8 +25,9 @@ same one too. Under TP each layer is built whole and then sharded (Megatron's CP
 scheme). The loss and the DeepSpeed wrappers live in ``training/`` (losses.py, deepspeed_glue.py).
 
 Between stages the activation is a tensor ``[b, s, h]``, or a tuple ``(hidden, segment_ids)`` for
-packed samples; each block rebuilds its ALiBi/causal/segment mask from that (cheap, and avoids
-sending a [b, np, s, s] mask between stages).
+packed samples, never the [b, np, s, s] ALiBi/causal/segment bias. The blocks of a stage share one
+``AlibiMaskCache`` (``bloom_layer_specs`` hands the same one to each), so the first block of a
+forward builds the mask and the bias and the stage's other blocks, recomputed or not, use them.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch.nn as nn
 from megatron_bloom.layers import RNGStatesTracker, VocabParallelEmbedding
 from megatron_bloom.layers.mappings import Group, group_size
 from megatron_bloom.layers.random import recompute, trackers_in
-from megatron_bloom.models.bloom.alibi import make_alibi_mask
+from megatron_bloom.models.bloom.alibi import AlibiMaskCache
 from megatron_bloom.models.bloom.config import ModelConfig
 from megatron_bloom.models.bloom.init import init_block_, init_embedding_, init_layernorm_
 from megatron_bloom.models.bloom.model import BloomBlock, TiedLMHead
@@ -111,19 +112,23 @@ def to_batch_first(inputs: Activation) -> Activation:
 
 
 class TransformerBlockPipe(BloomBlock):
-    """One BLOOM block taking and returning a pipeline activation."""
+    """One BLOOM block taking and returning a pipeline activation.
+
+    ``masks`` is the stage's shared ``AlibiMaskCache``; a block built alone gets its own.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_number: int, tp_group: Group = None,
-                 tracker: Optional[RNGStatesTracker] = None):
+                 tracker: Optional[RNGStatesTracker] = None, masks: Optional[AlibiMaskCache] = None):
         super().__init__(cfg)
         self.layer_number = layer_number
         self.recompute = cfg.checkpoint_activations
         init_block_(self, cfg)
         shard_block_(self, cfg, tp_group, tracker)
         self.rng_trackers = trackers_in(self)  # fixed once sharded: not searched for in every forward
+        self.masks = masks if masks is not None else AlibiMaskCache()
 
     def _block(self, hidden: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        mask = make_alibi_mask(hidden.shape[1], 0, None, segment_ids, hidden.device)
+        mask = self.masks.get(hidden.shape[1], segment_ids, hidden.device)
         return super().forward(hidden, mask)[0]
 
     def forward(self, inputs: Activation) -> Activation:
@@ -156,11 +161,13 @@ def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group 
     )
     # DeepSpeed builds a tied module from the first of its specs on a stage: the embedding's
     # (with the LayerNorm) on the first stage, the LM head's (without) on a later last stage.
+    # The blocks a process builds (its stage's) share one mask cache.
+    masks = AlibiMaskCache()
     return [
         cast_inputs,
         embed(with_norm=True),
         to_sequence_first,
-        *[LayerSpec(TransformerBlockPipe, cfg, i, tp_group, tracker) for i in range(cfg.num_layers)],
+        *[LayerSpec(TransformerBlockPipe, cfg, i, tp_group, tracker, masks) for i in range(cfg.num_layers)],
         to_batch_first,
         LayerSpec(FinalLayerNormPipe, cfg),
         embed(with_norm=False, forward_fn=lm_head_forward),
