@@ -44,11 +44,14 @@ class Layout:
     pp_partition_method: str = "type:transformer|embedding"
     rampup_batch_size: Optional[Tuple[int, int, int]] = None
     """START INCREMENT SAMPLES; validated like the trainer does (memory is planned at the full batch)."""
+    packed_samples: bool = False
+    """Micro-batches of packed samples (finetuning): each row has its own ALiBi/segment bias."""
 
     def short(self, dp: int) -> str:
         return (f"TP={self.tensor_model_parallel_size} PP={self.pipeline_model_parallel_size} DP={dp} "
                 f"mbs={self.micro_batch_size} gbs={self.global_batch_size} ZeRO-{self.zero_stage} "
-                f"{'recompute' if self.checkpoint_activations else 'no-recompute'} {self.precision}")
+                f"{'recompute' if self.checkpoint_activations else 'no-recompute'} {self.precision}"
+                f"{' packed' if self.packed_samples else ''}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
                          micro_batches=micro_batches, tp=tp, pp=pp, dp=dp, zero_stage=layout.zero_stage,
                          precision=layout.precision, recompute=layout.checkpoint_activations,
                          reduce_bucket_size=_reduce_bucket_size(cfg),
-                         mask_in_input_dtype=acc.dropout_mask_in_input_dtype)
+                         mask_in_input_dtype=acc.dropout_mask_in_input_dtype, packed_samples=layout.packed_samples)
             for st in plan_stages
         ]
     except PlanError as exc:

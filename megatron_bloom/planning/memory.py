@@ -36,9 +36,20 @@ dtype). One block, one micro-batch of b sequences of s tokens, hidden h, a heads
            activations while it is recomputed in the backward pass.
 
 With DeepSpeed's 1F1B schedule stage i keeps min(PP - i, m) micro-batches in flight (m = micro-
-batches per step), so the first stage holds the most. The first stage adds the embedding output,
-the last stage the final LayerNorm input and the logits (e bytes, plus the fp32 copy the
-cross-entropy keeps: (e + 4) s b Vp / t).
+batches per step), so the first stage holds the most. The first stage adds the embedding output.
+
+The last stage (one micro-batch in flight) adds the final LayerNorm input, the LM-head input and
+the logits with their gradient (``loss_bytes``): 2 e s b Vp / t. The vocab-parallel cross-entropy
+keeps the logits themselves for backward, no float32 copy (the pipeline engine holds the same
+tensor as the stage's output), and its backward writes the gradient, in the logits' dtype, while
+they are alive. Its float32 work runs in chunks of ``CROSS_ENTROPY_CHUNK_BYTES``, not counted.
+
+Every stage with blocks adds the ALiBi + causal bias (``alibi_bias_bytes``) that attention adds to
+its scores, B (a/t) s^2 e per forward, with B = b for packed samples (each row has its own segment
+mask) and B = 1 otherwise (it broadcasts over the batch). It is built once per forward and shared
+by the stage's blocks; attention kernels keep it for backward. Unpacked, it is one tensor for
+every micro-batch (it depends on s alone); packed, one per micro-batch in flight, or one with
+recompute (only the latest micro-batch's is kept, for the blocks' recompute).
 """
 from __future__ import annotations
 
@@ -52,6 +63,9 @@ from .stages import Stage
 
 ZERO3_MAX_LIVE_PARAMETERS = 1e9
 """DeepSpeed's default stage3_max_live_parameters (our deepspeed_config.py keeps the default)."""
+
+CROSS_ENTROPY_CHUNK_BYTES = 4 * 2**24
+"""The cross-entropy's float32 chunk (``layers/cross_entropy.CHUNK_ELEMENTS`` logits): 64 MiB."""
 
 
 class PlanError(ValueError):
@@ -105,6 +119,19 @@ def block_activation_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: 
     return replicated + split + attention
 
 
+def loss_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, precision: str) -> float:
+    """The last stage's logits and their gradient, 2 e s b Vp / t (see the module docstring)."""
+    e = element_bytes(precision)
+    return 2 * e * seq_length * micro_batch_size * cfg.padded_vocab_size(tp) / tp
+
+
+def alibi_bias_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, precision: str,
+                     packed_samples: bool = False) -> float:
+    """One forward's ALiBi + causal bias ``[b|1, a/t, s, s]``: (b if packed else 1) (a/t) s^2 e."""
+    batch = micro_batch_size if packed_samples else 1
+    return batch * cfg.num_attention_heads / tp * seq_length**2 * element_bytes(precision)
+
+
 @dataclass(frozen=True)
 class StageMemory:
     stage: int
@@ -123,7 +150,10 @@ class StageMemory:
 
 def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch_size: int, micro_batches: int,
                  tp: int, pp: int, dp: int, zero_stage: int, precision: str, recompute: bool,
-                 reduce_bucket_size: float, mask_in_input_dtype: bool = False) -> StageMemory:
+                 reduce_bucket_size: float, mask_in_input_dtype: bool = False,
+                 packed_samples: bool = False) -> StageMemory:
+    """One stage's bytes per GPU. ``packed_samples``: micro-batches of packed samples (segment ids,
+    as finetuning packs them), whose ALiBi bias has a batch dimension."""
     w, g, o = state_bytes_per_parameter(precision, zero_stage, dp)
     n = stage.parameters
     weights = n * w
@@ -140,10 +170,13 @@ def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch
     acts = in_flight * stage.blocks * per_block
     if recompute and stage.blocks:
         acts += full
+    if stage.blocks:
+        biases = in_flight if packed_samples and not recompute else 1
+        acts += biases * alibi_bias_bytes(cfg, s, b, tp, precision, packed_samples)
     if stage.is_first:
         acts += in_flight * e * s * b * h  # embedding output = word_embeddings_layernorm input
     if stage.is_last:
         acts += 2 * e * s * b * h  # ln_f input and LM-head input
-        acts += (e + 4) * s * b * cfg.padded_vocab_size(tp) / tp
+        acts += loss_bytes(cfg, s, b, tp, precision)
     return StageMemory(stage.index, n, weights, n * g, n * o, reduce_bucket_bytes(precision, zero_stage, reduce_bucket_size),
                        acts, in_flight)

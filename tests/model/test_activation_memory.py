@@ -201,3 +201,38 @@ def test_pipeline_stage_builds_one_packed_bias_per_micro_batch(recompute, monkey
     for bias, seg in zip(forward_biases, segments):
         want = build_alibi_bias(blocks[0].self_attention.alibi_slopes, 8, segment_ids=seg)
         assert torch.equal(bias, want)
+
+
+@pytest.mark.parametrize("inputs", ["causal", "packed"])
+def test_sdpa_keeps_one_bias_for_backward(inputs, monkeypatch):
+    """torch's SDPA saves its attention mask for backward: all layers together keep one bias."""
+    model = _model("sdpa")
+    spy = BiasSpy(monkeypatch)
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(torch.randint(0, 250, (2, 8)), **INPUTS[inputs])
+    kept = {t.untyped_storage().data_ptr() for t in spy.received} & saved
+    assert len(spy.received) == LAYERS and len(kept) == 1
+    out.sum().backward()
+
+
+def test_planned_loss_bytes_are_the_measured_peak():
+    """planning/memory.py's last-stage term, 2 e s b Vp / t (the logits and their gradient), is
+    what forward + backward of the loss holds at its peak, give or take one float32 chunk."""
+    from megatron_bloom.config.schema import ModelConfig
+    from megatron_bloom.planning.memory import CROSS_ENTROPY_CHUNK_BYTES, loss_bytes
+
+    assert CROSS_ENTROPY_CHUNK_BYTES == 4 * cross_entropy.CHUNK_ELEMENTS
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=BLOOM_PADDED_VOCAB)
+    b, s = 2, 256
+    planned = loss_bytes(cfg, s, b, 1, "fp32")
+    logits = torch.randn(b, s, cfg.padded_vocab_size(1), requires_grad=True)  # the caller's (the stage output)
+    target = torch.randint(0, cfg.vocab_size, (b, s))
+    held = logits.numel() * logits.element_size() + profiled_peak_bytes(
+        lambda: vocab_parallel_cross_entropy(logits, target).mean().backward())
+    assert planned <= held <= planned + CROSS_ENTROPY_CHUNK_BYTES + 2**20, (held / planned)

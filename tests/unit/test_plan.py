@@ -135,6 +135,48 @@ def test_stage_cut_matches_deepspeed():
     assert [s.blocks for s in stages(named_model_config("bloom-176b"), 4, 12)] == [5] + [6] * 10 + [5]
 
 
+def test_loss_and_alibi_terms_at_bloom_sizes():
+    """The sizes quoted in planning/memory.py's docstring, by hand."""
+    from megatron_bloom.planning.memory import alibi_bias_bytes, loss_bytes
+
+    # BLOOM-176B, TP=4: 112 / 4 = 28 heads, s = 2048, bf16: one bias for every micro-batch (235 MB).
+    assert alibi_bias_bytes(named_model_config("bloom-176b"), 2048, 2, 4, "bf16") == 28 * 2048**2 * 2
+    # BLOOMZ-7b1 packed micro-batches of 4, TP=1, fp16: 4 x 32 heads x 2048^2 x 2 = 1 GiB.
+    bloom_7b1 = named_model_config("bloom-7b1")
+    assert alibi_bias_bytes(bloom_7b1, 2048, 4, 1, "fp16", packed_samples=True) == 2**30
+    # Its logits and their gradient in fp16: 2 x 2 x 4 x 2048 x 250,880 (no float32 copy).
+    assert loss_bytes(bloom_7b1, 2048, 4, 1, "fp16") == 2 * 2 * 4 * 2048 * 250_880
+
+
+def test_stage_memory_counts_one_bias_per_stage_not_per_block():
+    """The bias is shared by a stage's blocks: its term does not grow with them. Unpacked, one for
+    every micro-batch; packed, one per micro-batch in flight, or one when the blocks are recomputed."""
+    from megatron_bloom.planning.memory import alibi_bias_bytes, block_activation_bytes, stage_memory
+    from megatron_bloom.planning.stages import Stage
+
+    cfg = named_model_config("bloom-7b1")
+    s, b, m, tp, pp = 2048, 4, 8, 1, 4
+
+    def acts(blocks, recompute, packed):
+        stage = Stage(index=1, blocks=blocks, has_embedding=False, is_first=False, is_last=False, parameters=0)
+        mem = stage_memory(stage, cfg, seq_length=s, micro_batch_size=b, micro_batches=m, tp=tp, pp=pp, dp=1,
+                           zero_stage=1, precision="bf16", recompute=recompute, reduce_bucket_size=5e8,
+                           packed_samples=packed)
+        return mem.activations, mem.micro_batches_in_flight
+
+    full = block_activation_bytes(cfg, s, b, tp, "bf16")
+    bias = alibi_bias_bytes(cfg, s, b, tp, "bf16")
+    packed_bias = alibi_bias_bytes(cfg, s, b, tp, "bf16", packed_samples=True)
+    for recompute in (False, True):
+        for packed in (False, True):
+            (one, in_flight), (two, _) = acts(1, recompute, packed), acts(2, recompute, packed)
+            assert in_flight == 3
+            fixed = 2 * one - two  # what does not scale with the blocks
+            want = (1 if recompute or not packed else in_flight) * (packed_bias if packed else bias)
+            assert fixed == pytest.approx(want + (full if recompute else 0), rel=1e-12), (recompute, packed)
+    assert acts(0, False, True)[0] == 0  # no block, no attention, no bias
+
+
 def test_published_layouts_fit_their_clusters():
     from megatron_bloom.planning import PUBLISHED
 
