@@ -82,7 +82,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits, logits_max, sum_exp, local_target, outside = ctx.saved_tensors
         local_v = logits.shape[-1]
         rows = logits.reshape(-1, local_v)  # [n, V/tp]
-        grad = torch.empty_like(logits)  # [b, s, V/tp] in the logits' dtype
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # [b, s, V/tp], the logits' dtype
         grad_rows = grad.view(-1, local_v)  # [n, V/tp]
         grad_loss = grad_loss.reshape(-1, 1)  # [n, 1]
         minus_one_hot = -(~outside).float().unsqueeze(-1)  # [n, 1]: -1 where this rank holds the target
