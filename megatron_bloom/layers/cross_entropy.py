@@ -6,12 +6,13 @@ owning the target id has it) through three all-reduces of [b, s] tensors instead
 [b, s, V]. The gradient is softmax - one_hot on each rank's own columns.
 
 Memory: the logits are [b, s, V/tp], 8 GB in fp32 for BLOOMZ-7b1's micro-batch of 4 x 2048
-tokens at TP=1. No fp32 tensor of that size is made: the float work (shift, exp, softmax) runs over
-chunks of ``CHUNK_ELEMENTS`` logits, backward recomputes the softmax chunk by chunk from the
-logits saved for backward (the input itself, in its own dtype: no copy) and writes the gradient
-straight in that dtype. The input is never written to: with fp32 logits ``.float()`` would be the
-caller's tensor itself. Results are those of the whole-tensor computation: every element goes
-through the same float32 operations, only fewer rows at a time.
+tokens at TP=1. No float32 copy of them is made: the float work (shift, exp, softmax) runs over
+chunks of ``CHUNK_ELEMENTS`` logits, backward recomputes the softmax chunk by chunk (one more
+elementwise pass) from the logits saved for backward (the input itself, in its own dtype: no copy)
+and writes the gradient straight in that dtype. The peak is thus the logits, their gradient and
+one chunk. The input is never written to: with fp32 logits ``.float()`` would be the caller's
+tensor itself. Results are those of the whole-tensor computation: every element goes through the
+same float32 operations, only fewer rows at a time.
 
 Logits of padding rows must already be -inf (the LM head masks them): exp(-inf) = 0, so they take
 no probability and receive no gradient.
