@@ -366,8 +366,8 @@ def make_data(smoke: Smoke, paths: Dict[str, str], profile: Profile) -> List[dic
     with open(paths["eval"], "w", encoding="utf-8") as fh:
         fh.writelines(lines[-16:])
     heldout = read_tasks(os.path.join(paths["tasks"], "heldout"))
-    if len(heldout) < 2:
-        raise StepFailed(f"make_tasks wrote {len(heldout)} held-out prompts, expected 20")
+    if len({r["inputs"] for r in heldout}) < 2:
+        raise StepFailed(f"make_tasks wrote {len(heldout)} held-out prompts, fewer than 2 different ones")
     print(f"  corpus {len(lines)} lines, {len(heldout)} held-out prompts, tokenizer of {VOCAB_SIZE} tokens")
     return heldout
 
@@ -496,7 +496,7 @@ def run_smoke(args, work: str) -> Dict[str, str]:
         print(f"  {train['finetune'].describe()}")
 
     with smoke.step("generate", f"launch/generate.py --device {dev} on the finetuned checkpoint"):
-        prompts = [r["inputs"] for r in heldout[:2]]
+        prompts = list(dict.fromkeys(r["inputs"] for r in heldout))[:2]  # two different ones
         cmd = [py, "launch/generate.py", "--load", paths["finetune"], "--tokenizer", paths["tokenizer"], "--device",
                dev, "--dtype", profile.pretrain_dtype, "--greedy", "--max-new-tokens", "8", "--json"]
         for prompt in prompts:
