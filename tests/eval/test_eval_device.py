@@ -45,7 +45,8 @@ class OnItsDevice(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
         device = next(self.model.parameters()).device
         cache = [t for layer in past_key_values or () for t in layer]
-        handed = {"input_ids": input_ids, "attention_mask": attention_mask, **{f"cache[{i}]": t for i, t in enumerate(cache)}}
+        handed = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  **{f"cache[{i}]": t for i, t in enumerate(cache)}}
         wrong = {k: str(t.device) for k, t in handed.items() if t is not None and t.device != device}
         assert not wrong, f"handed to a model on {device}: {wrong}"
         self.calls += 1

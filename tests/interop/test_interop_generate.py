@@ -81,8 +81,8 @@ def test_cli_json_from_transformers_folder_and_native_checkpoint(tmp_path, token
         torch.testing.assert_close(torch.tensor(record["prompt_logprobs"]), _hf_logprobs(hf, ids),
                                    atol=LOGPROB_ATOL, rtol=LOGPROB_RTOL)
         assert record["text"] == tok.decode(want, skip_special_tokens=True)
-    # Plain output is the continuation text.
-    proc = run_cli("generate.py", "--load", native, "--prompt", prompt, "--max-new-tokens", 10)
+    # Plain output is the continuation text; --device names where it runs (the default, cpu, here).
+    proc = run_cli("generate.py", "--load", native, "--prompt", prompt, "--max-new-tokens", 10, "--device", "cpu")
     assert proc.returncode == 0 and proc.stdout.strip() == tok.decode(want, skip_special_tokens=True).strip()
 
 
