@@ -5,7 +5,8 @@ Two cases, each run in a fresh process so that nothing of another run is residen
 * ``loss``: the LM head (``F.linear`` of hidden states ``[b, s, h]`` on a ``[V, h]`` matrix) and
   ``vocab_parallel_cross_entropy`` over the ``[b, s, V]`` logits, at the padded vocabulary of
   BLOOM's tokenizer (250,880) by default. The logits are the caller's for the whole step, as under
-  DeepSpeed's pipeline engine, which holds a stage's output until its backward.
+  DeepSpeed's pipeline engine, which holds a stage's output until its backward. With
+  ``--logits-dtype bf16``, bf16 logits are given (no LM head).
 * ``alibi``: a ``BloomForCausalLM`` of a few layers at a long sequence (small vocabulary, so the
   loss does not dominate), causal or packed (two segments per row: the bias then has a batch
   dimension). Each layer attends with the ``[b|1, heads, s, s]`` ALiBi bias.
@@ -13,8 +14,10 @@ Two cases, each run in a fresh process so that nothing of another run is residen
 Two peaks, both bytes above what was resident before the step (inputs and weights built, one small
 warm-up step run so that lazily loaded kernels are not counted):
 
-* ``rss``: the process's maximum resident set (``getrusage``'s ``ru_maxrss``) minus its resident
-  set before the step; glibc serves large tensors from ``mmap``, so freed ones leave at once;
+* ``rss``: the process's maximum resident set during the step (``getrusage``'s ``ru_maxrss``,
+  its high-water mark reset through ``/proc/self/clear_refs`` just before, so building the inputs
+  does not count) minus its resident set before the step; glibc serves large tensors from
+  ``mmap``, so freed ones leave at once. Linux only; "-" where the reset is not allowed;
 * ``torch``: the largest sum of live torch CPU allocations during a second, identical step, from
   the profiler's allocation events (counts only tensors, exactly).
 
@@ -49,6 +52,16 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_resident() -> bool:
+    """Reset the resident high-water mark (``ru_maxrss``) to the resident set now (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def profiled_peak_bytes(step: Callable[[], None]) -> int:
     """Largest live torch allocation (bytes above the start) while ``step()`` runs."""
     from torch.profiler import ProfilerActivity, profile
@@ -75,7 +88,7 @@ def loss_step(case: Dict, scale: float = 1.0) -> Callable[[], None]:
     torch.manual_seed(0)
     target = torch.randint(0, v, (b, s))
     if case["logits_dtype"] == "bf16":
-        given = torch.randn(b, s, v).to(torch.bfloat16).requires_grad_(True)
+        given = torch.randn(b, s, v, dtype=torch.bfloat16, requires_grad=True)
 
         def step():
             given.grad = None
@@ -134,9 +147,10 @@ def worker(case: Dict) -> Dict:
     STEPS[case["case"]](case, scale=1 / 16)()
     step = STEPS[case["case"]](case)
     gc.collect()
+    reset = reset_peak_resident()
     before = resident_bytes()
     step()
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # Linux: KiB
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before if reset else None  # Linux: KiB
     return {"rss_peak_bytes": rss_peak, "torch_peak_bytes": profiled_peak_bytes(step),
             "code": os.path.dirname(os.path.dirname(os.path.abspath(megatron_bloom.__file__)))}
 
@@ -209,7 +223,8 @@ def main(argv=None) -> None:
                     f"{' packed' if r['packed'] else ''}{' recompute' if r['checkpoint_activations'] else ''}"
                     if r["case"] == "alibi" else ""))
         (ref_name, ref), = reference_bytes(r).items()
-        table.append([r["case"], shape, mib(r["rss_peak_bytes"]), mib(r["torch_peak_bytes"]), f"{ref_name} {mib(ref)}",
+        rss = "-" if r["rss_peak_bytes"] is None else mib(r["rss_peak_bytes"])
+        table.append([r["case"], shape, rss, mib(r["torch_peak_bytes"]), f"{ref_name} {mib(ref)}",
                       f"{r['torch_peak_bytes'] / ref:.2f}"])
     print(markdown_table(["case", "shape", "peak RSS above start (MiB)", "peak torch allocations (MiB)",
                           "reference (MiB)", "torch peak / reference"], table))

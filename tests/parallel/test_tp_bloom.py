@@ -157,3 +157,41 @@ def test_tp_dropout_rng_streams():
     for attn_differs, hidden_same, _ in out:
         assert attn_differs and hidden_same
     assert out[0][2] == out[1][2]  # the loss (after the all-reduces) is the same on both ranks
+
+
+def _one_bias_per_rank():
+    """Forward + backward of the TP model with packed samples: the dense ALiBi bias each rank builds."""
+    from megatron_bloom.models.bloom.alibi import AlibiMask, alibi_slopes, build_alibi_bias
+
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = parallelize_bloom(BloomForCausalLM(cfg, cfg.padded_vocab_size(tp)), dist.group.WORLD,
+                              model_parallel_tracker(0, rank))
+    built = []
+    build = AlibiMask.build_bias
+
+    def counting_build(mask, *args):
+        built.append(build(mask, *args))
+        return built[-1]
+
+    AlibiMask.build_bias = counting_build  # this rank's process only
+    try:
+        tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1))
+        segment_ids = torch.tensor([[1] * 6 + [2] * 10, [3] * 16])
+        logits = model(tokens[:, :-1], segment_ids=segment_ids)
+        parallel_lm_loss(logits, tokens[:, 1:], None, vocab_start_index(model), dist.group.WORLD).backward()
+    finally:
+        AlibiMask.build_bias = build
+    attn = model.transformer.h[0].self_attention
+    heads = attn.alibi_slopes.shape[0]
+    want = build_alibi_bias(alibi_slopes(cfg.num_attention_heads)[attn.head_start : attn.head_start + heads],
+                            cfg.seq_length, segment_ids=segment_ids)
+    return len(built), torch.equal(built[0], want), attn.head_start
+
+
+def test_tp_ranks_build_one_bias_each_for_their_heads():
+    """Each rank builds one bias per forward, for its own heads, shared by its layers."""
+    out = run_distributed(_one_bias_per_rank, 2, timeout=90)
+    assert [(n, equal) for n, equal, _ in out] == [(1, True), (1, True)]
+    assert out[0][2] != out[1][2]  # different head ranges, so different slopes
