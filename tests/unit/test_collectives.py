@@ -151,3 +151,30 @@ def test_a_failure_on_rank0_reaches_the_waiting_ranks(tmp_path):
     (tmp_path / "f" / "failed.stale").write_text("an earlier job's failure")  # never taken for this one
     out = run_distributed(_slow_work_on_rank0, 2, str(tmp_path / "f"), 1.0, True, init=False, timeout=60)
     assert out == ["the source is unreadable", "converting failed on rank 0: the source is unreadable"]
+
+
+def _calls_inside(tree: ast.AST, outer: str, inner: str) -> int:
+    """How many calls to ``inner`` sit inside an argument of a call to ``outer`` (a lambda or a
+    nested function passed by name counts too)."""
+    local_functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+
+    def name(call: ast.Call) -> str:
+        return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+
+    found = 0
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and name(n) == outer):
+        for arg in [*call.args, *(k.value for k in call.keywords)]:
+            body = local_functions.get(arg.id) if isinstance(arg, ast.Name) else arg
+            found += sum(1 for n in ast.walk(body or arg) if isinstance(n, ast.Call) and name(n) == inner)
+    return found
+
+
+@pytest.mark.parametrize("module, work", [("training/pretrain.py", "convert_to_universal"),
+                                          ("checkpoint/pretrained.py", "write")])
+def test_conversions_on_rank0_are_waited_for_on_files(module, work):
+    """A barrier (or any collective) around a conversion gives up after the group's timeout, which
+    converting BLOOM-176B's 2.3 TB outlasts: rank 0 converts inside on_rank0_while_others_poll."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    assert _calls_inside(tree, "on_rank0_while_others_poll", work) >= 1
+    total = sum(1 for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", "")) == work)
+    assert total == _calls_inside(tree, "on_rank0_while_others_poll", work), f"{work} called outside the wait"

@@ -90,3 +90,36 @@ def test_load_weights_only_holds_one_merged_layer_at_a_time(tmp_path, monkeypatc
     Engine.cfg = type("RunConfig", (), {"model": cfg})()
     native.load_weights_only(Engine(), str(tmp_path / "ckpt"), "global_step0")
     assert len(alive) == cfg.num_layers + 2  # embedding, blocks, final norm: each read once
+
+
+@pytest.mark.parametrize("backend, expected", [("nccl", torch.device("cuda", 3)), ("gloo", None)])
+def test_the_default_group_is_bound_to_the_ranks_device(monkeypatch, backend, expected):
+    """On GPU, init_process_group gets device_id (the communicator starts eagerly on this rank's
+    device and the groups split from it); gloo takes none."""
+    import os
+
+    from megatron_bloom.distributed import init
+    from megatron_bloom.distributed.launch_env import LaunchEnv
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    current = []
+    monkeypatch.setattr(init.torch.accelerator, "set_device_index", current.append)
+    monkeypatch.setattr(init.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(init.dist, "init_process_group", init_process_group)
+    saved = dict(os.environ)
+    try:
+        with pytest.raises(Stop):
+            init.init_distributed(1, 1, backend=backend, launch=LaunchEnv(3, 8, 3, "127.0.0.1", 1, "torchrun"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert seen["device_id"] == expected and seen["backend"] == backend
+    assert current == ([3] if expected is not None else [])
