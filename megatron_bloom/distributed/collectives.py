@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_bloom.atomic import atomic_write_text
 from megatron_bloom.errors import UserError
 
 Group = Optional[dist.ProcessGroup]
@@ -142,8 +143,8 @@ def on_rank0_while_others_poll(work: Callable[[], None], done: Callable[[], bool
         try:
             work()
         except Exception as exc:  # noqa: BLE001 - every failure must reach the waiting ranks
-            with open(mine, "w", encoding="utf-8") as fh:
-                fh.write(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if dist.get_world_size() > 1:
+                _report_failure(mine, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             raise
         return
     while not done():
@@ -151,3 +152,13 @@ def on_rank0_while_others_poll(work: Callable[[], None], done: Callable[[], bool
             with open(mine, encoding="utf-8") as fh:
                 raise UserError(f"{what} failed on rank 0: {fh.read().strip()}")
         time.sleep(poll_seconds)
+
+
+def _report_failure(path: str, message: str) -> None:
+    """Write rank 0's failure for the waiting ranks (whole, never half-read); if even that fails,
+    rank 0's own error ends the job and the launcher stops the waiting ranks."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        atomic_write_text(path, message)
+    except OSError:
+        pass

@@ -113,7 +113,7 @@ def test_value_helpers_and_the_device_check():
         assert out["refused"].startswith("all_reduce: a tensor on meta, but the 'gloo' group works on cpu"), out
 
 
-def _slow_work_on_rank0(folder: str, seconds: float, fail: bool):
+def _slow_work_on_rank0(folder: str, seconds: float, fail: bool, failure_file: str = "failed"):
     import torch.distributed as dist
 
     from megatron_bloom.distributed.collectives import all_reduce_values, on_rank0_while_others_poll
@@ -130,7 +130,7 @@ def _slow_work_on_rank0(folder: str, seconds: float, fail: bool):
         open(done_file, "w").close()
 
     try:
-        on_rank0_while_others_poll(work, lambda: os.path.exists(done_file), os.path.join(folder, "failed"),
+        on_rank0_while_others_poll(work, lambda: os.path.exists(done_file), os.path.join(folder, failure_file),
                                    what="converting", poll_seconds=0.2)
     except UserError as exc:
         return str(exc)
@@ -146,10 +146,11 @@ def test_work_on_rank0_outlasts_the_collective_timeout(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_failure_on_rank0_reaches_the_waiting_ranks(tmp_path):
+@pytest.mark.parametrize("failure_file", ["failed", "universal/failed"])  # its folder may not exist yet
+def test_a_failure_on_rank0_reaches_the_waiting_ranks(tmp_path, failure_file):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "failed.stale").write_text("an earlier job's failure")  # never taken for this one
-    out = run_distributed(_slow_work_on_rank0, 2, str(tmp_path / "f"), 1.0, True, init=False, timeout=60)
+    out = run_distributed(_slow_work_on_rank0, 2, str(tmp_path / "f"), 1.0, True, failure_file, init=False, timeout=60)
     assert out == ["the source is unreadable", "converting failed on rank 0: the source is unreadable"]
 
 
