@@ -166,14 +166,15 @@ def refusal(path: str, classes: List[str]) -> str:
             f"files may hold only {TRUSTED}); replace it with the file from a source you trust")
 
 
-def _unpickler_detail(exc: BaseException) -> str:
-    """The line of torch's weights-only refusal that says what was refused (its advice to pass
-    weights_only=False must not be followed for a file from elsewhere)."""
+def _reason(exc: BaseException) -> str:
+    """The first line of a load failure; of torch's weights-only refusal, the line saying what was
+    refused (its advice to pass weights_only=False must not be followed for a file from elsewhere)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1) ", "(2) ",
-            "WeightsUnpickler error")
-    detail = [ln for ln in lines if not ln.startswith(skip)]
-    return (detail[0] if detail else (lines[0] if lines else type(exc).__name__)).split(". ")[0][:200]
+    if lines and lines[0].startswith("Weights only load failed"):
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1) ", "(2) ",
+                "WeightsUnpickler error")
+        lines = [ln for ln in lines if not ln.startswith(skip)] or lines
+    return lines[0].split(". ")[0][:200] if lines else type(exc).__name__
 
 
 def safe_load(path: str, mmap: bool = False) -> Any:
@@ -199,9 +200,7 @@ def safe_load(path: str, mmap: bool = False) -> Any:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and found and found.group(1) not in ALLOWED_NAMES:
             raise UserError(refusal(path, [found.group(1)])) from None
-        reason = _unpickler_detail(exc) if "Weights only load failed" in str(exc) else (
-            str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__)
-        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({reason})") from None
+        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({_reason(exc)})") from None
 
 
 def load_megatron_state(path: str) -> dict:
