@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+from one_process import env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = Path(HERE).parents[1]
@@ -19,14 +20,8 @@ _spec.loader.exec_module(_training)
 corpus = _training.corpus
 
 
-def _tool_env() -> Dict[str, str]:
-    """One process on CPU, whatever launcher the tests run under."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
-    return {k: v for k, v in dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1").items() if k not in launcher}
-
-
 def _tool(*args) -> None:
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=_tool_env())
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env())
     assert proc.returncode == 0, proc.stderr
 
 

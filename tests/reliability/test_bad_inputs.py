@@ -12,16 +12,16 @@ runs without torchrun as world size 1), and checks the contract of docs/bad-inpu
 The rows the docs list as accepted (a weights-only checkpoint of another layout) are run too and
 must train. The ids of the cases are the ids in the docs' table.
 """
-import os
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
+from one_process import env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,11 +34,6 @@ TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-3", 
          "--train-iters", "1", "--eval-iters", "1", "--log-interval", "1", "--zero-stage", "1"]
 
 
-def env() -> Dict[str, str]:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
-        e.pop(k, None)
-    return e
 
 
 def run(tool: str, *args) -> "Run":
