@@ -68,6 +68,7 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
     """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained."""
     import sys
 
+    from megatron_bloom.config.sources import fill_from_sources
     from megatron_bloom.data.packing import OVERLONG_MODES
     from megatron_bloom.distributed.launch_env import world_size_from_env
 
@@ -83,6 +84,8 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
         for key in ARCHITECTURE_KEYS:
             if key not in given["model"]:
                 setattr(cfg.model, key, getattr(source, key))
+                given["model"].add(key)  # the checkpoint's vocabulary wins over the tokenizer's
+    fill_from_sources(cfg, given)
     if cfg.finetune.overlong not in OVERLONG_MODES:
         raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
     world_size = world_size_from_env()
