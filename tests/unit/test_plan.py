@@ -82,14 +82,14 @@ def test_search_cli_lists_layouts(capsys):
     assert any(s["micro_batch_size"] == 2 and s["zero_stage"] == 1 for s in last_json(out)["search"])
 
 
-def test_yaml_config_and_its_missing_recompute(capsys):
-    """configs/bloom-176b.yaml has no checkpoint_activations: without recompute stage 0 cannot fit."""
+def test_yaml_config_and_its_recompute(capsys):
+    """configs/bloom-176b.yaml recomputes activations, as tr11 did; without recompute stage 0 cannot fit."""
     yaml_path = os.path.join(REPO, "configs", "bloom-176b.yaml")
-    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8")
+    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8",
+                              "--no-checkpoint-activations")
     assert code == 2
     assert "does not fit" in err and "--checkpoint-activations" in err and "Traceback" not in err
-    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8",
-                              "--checkpoint-activations", "--json")
+    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8", "--json")
     assert code == 0, err
     assert last_json(out)["layout"]["tensor_model_parallel_size"] == 4  # from the YAML
 
