@@ -68,7 +68,7 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
     """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained."""
     import sys
 
-    from megatron_bloom.config.sources import fill_from_sources
+    from megatron_bloom.training.sources import fill_from_sources
     from megatron_bloom.data.packing import OVERLONG_MODES
     from megatron_bloom.distributed.launch_env import world_size_from_env
 
