@@ -117,6 +117,19 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
                 f"pipeline_model_parallel_size={pp} leaves stage {empty[0]} without weights: pp_partition_method "
                 f"'{method}' fills at most {most} stages with num_layers={m.num_layers}; use at most {most} stages"
             )
+        if not t.bf16 and (t.fp16 or p.zero_stage > 0) and not empty:
+            # DeepSpeed's fp16 and ZeRO optimizers reduce the gradient norm once per parameter group
+            # (empty groups dropped): stages with other groups enter other collectives and hang.
+            # Its bf16 optimizer reduces once for all groups (BLOOMZ-176B's 72 stages ran bf16).
+            groups = cut.parameter_groups(m, pp, method, tp, half)
+            if len(set(groups)) > 1:
+                odd = next(s for s, g in enumerate(groups) if g != groups[0])
+                raise UserError(
+                    f"pipeline_model_parallel_size={pp} leaves stage {odd} with only "
+                    f"{'the tied LM head' if groups[odd] == {'decay'} else 'the final LayerNorm'} (one optimizer "
+                    f"parameter group where the other stages have two), on which DeepSpeed's "
+                    f"{'fp16' if t.fp16 else 'ZeRO'} optimizer hangs; train in bf16 (as BLOOMZ-176B's 72 stages did), "
+                    f"use --zero-stage 0 in fp32, or use fewer stages")
     if m.make_vocab_size_divisible_by < 1:
         raise UserError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
     _check_megatron_deepspeed_choices(cfg)

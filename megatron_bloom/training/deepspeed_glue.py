@@ -120,3 +120,28 @@ def allow_fp16_on_any_cpu() -> None:
     if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
         # supported_dtypes(), which DeepSpeed's gradient reduction asserts against, asks the same method.
         accelerator.is_fp16_supported = lambda: True
+
+
+def norm_of_no_gradients_is_zero() -> None:
+    """Let DeepSpeed's bf16 optimizer take the gradient norm on a stage that owns no gradient of its own.
+
+    A last pipeline stage that holds only the tied LM head (BLOOMZ-176B's 72nd stage) has one
+    parameter, the embedding's pipe-replicated copy, which the norm skips; DeepSpeed's
+    ``get_global_norm_of_tensors`` then stacks an empty list and fails before the all-reduce every
+    other stage enters. A zero tensor in its place adds nothing to the sum (or the max) and keeps
+    the collective. Installed once; other inputs pass through unchanged.
+    """
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime import bf16_optimizer
+
+    original = bf16_optimizer.get_global_norm_of_tensors
+    if getattr(original, "accepts_no_tensors", False):
+        return
+
+    def get_global_norm_of_tensors(input_tensors, *args, **kwargs):
+        if not input_tensors:
+            input_tensors = [torch.zeros(1, device=get_accelerator().current_device_name())]
+        return original(input_tensors, *args, **kwargs)
+
+    get_global_norm_of_tensors.accepts_no_tensors = True
+    bf16_optimizer.get_global_norm_of_tensors = get_global_norm_of_tensors

@@ -28,6 +28,7 @@ from megatron_bloom.training.deepspeed_glue import (
     allow_fp16_on_any_cpu,
     build_pipeline_module,
     mark_grad_norm_owners,
+    norm_of_no_gradients_is_zero,
 )
 from megatron_bloom.training.losses import PretrainingLoss
 from megatron_bloom.training.nonfinite import (
@@ -95,7 +96,8 @@ class BloomEngine:
         # Attention dropout's stream; seeded below, once building has stopped reseeding per layer.
         self.tracker = RNGStatesTracker(state.device)
         vocab_start = state.tp_rank * (self.padded_vocab_size // tp)
-        specs = get_model_spec().layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker)
+        specs = get_model_spec().layer_specs(m, self.padded_vocab_size, state.tp_group if tp > 1 else None, self.tracker,
+                                             half_precision=cfg.training.fp16 or cfg.training.bf16)
         loss_fn = loss_class(state.tp_group if tp > 1 else None, vocab_start)
         # DeepSpeed's pipeline engine (even with one stage) whenever ZeRO allows it: its checkpoints
         # have Megatron-DeepSpeed's BLOOM layout (layer_XX-model_YY-model_states.pt), so every
@@ -118,6 +120,8 @@ class BloomEngine:
         self.ds_config["checkpoint"]["load_universal"] = load_universal
         if cfg.training.fp16:
             allow_fp16_on_any_cpu()
+        if cfg.training.bf16:
+            norm_of_no_gradients_is_zero()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,

@@ -81,3 +81,20 @@ def test_exports_the_one_process_weights(runs, tmp_path):
         # so each tensor is compared to its own scale; a misplaced or stale layer is off by O(1).
         assert four[key].shape == one[key].shape, key
         assert (four[key] - one[key]).abs().max() <= 1e-3 * one[key].abs().max(), key
+
+
+def test_bf16_trains_like_one_process_and_other_optimizers_are_refused():
+    """BLOOMZ-176B's precision on its kind of layout: bf16 (DeepSpeed's bf16 optimizer) with a last
+    stage that holds only the tied LM head, whose gradient-norm list is empty (one all-reduce is
+    kept: training/deepspeed_glue.py). fp16 and fp32 ZeRO-1 reduce per parameter group and would
+    hang on that stage: validate_config refuses them in one line."""
+    from megatron_bloom.config import parse_config, validate_config
+    from megatron_bloom.errors import UserError
+
+    one = run_distributed(run, 1, 1, 1, 0, 0, 2, timeout=300, bf16=True, **TWO_BLOCKS)[0]
+    four = run_distributed(run, 4, 1, 4, 0, 0, 2, timeout=400, bf16=True, **TWO_BLOCKS)[0]
+    for got, want in zip(four, one):
+        assert math.isclose(got, want, rel_tol=1e-2), (four, one)  # bf16 sums in another order
+    for flags in (["--fp16"], ["--zero-stage", "1"]):
+        with pytest.raises(UserError, match="stage 3 with only the tied LM head .* hangs; train in bf16"):
+            validate_config(parse_config(["--model-name", "tiny", "--pipeline-model-parallel-size", "4", *flags]), 4)

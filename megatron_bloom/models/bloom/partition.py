@@ -148,3 +148,26 @@ def max_stages(cfg: ModelConfig, method: str, tp: int = 1, half_precision: bool 
         if not stages_without_weights(cfg, pp, method, tp, half_precision):
             return pp
     return 1
+
+
+def parameter_groups(cfg: ModelConfig, pp: int, method: str, tp: int = 1,
+                     half_precision: bool = False) -> List[frozenset]:
+    """The optimizer parameter groups ('decay', 'no_decay') each stage's layers give it.
+
+    A block and the first embedding (with its LayerNorm) give both; the final LayerNorm alone only
+    'no_decay'; the tied LM head alone (the last embedding, away from the first) only 'decay'.
+    """
+    names = layer_names(cfg.num_layers, half_precision)
+    first_embedding, last_embedding = names.index(EMBEDDING), len(names) - 1 - names[::-1].index(EMBEDDING)
+    groups = []
+    for idxs in stage_layers(cfg, pp, method, tp, half_precision):
+        kinds = set()
+        for i in idxs:
+            if names[i] == BLOCK or i == first_embedding:
+                kinds |= {"decay", "no_decay"}
+            elif names[i] == FINAL_LN:
+                kinds.add("no_decay")
+            elif i == last_embedding:
+                kinds.add("decay")
+        groups.append(frozenset(kinds))
+    return groups
