@@ -64,12 +64,14 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hi
 """Model fields taken from --pretrained when neither a flag, the YAML nor --model-name sets them."""
 
 
-def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunConfig, int]:
-    """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained."""
+def finetune_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained.
+
+    Not yet checked against a world size; ``launch/plan.py --finetune`` plans this same configuration.
+    """
     import sys
 
     from megatron_bloom.data.packing import OVERLONG_MODES
-    from megatron_bloom.distributed.launch_env import world_size_from_env
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv)
@@ -85,6 +87,14 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
                 setattr(cfg.model, key, getattr(source, key))
     if cfg.finetune.overlong not in OVERLONG_MODES:
         raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
+    return cfg
+
+
+def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunConfig, int]:
+    """``finetune_run_config`` checked against the launcher's world size."""
+    from megatron_bloom.distributed.launch_env import world_size_from_env
+
+    cfg = finetune_run_config(argv)
     world_size = world_size_from_env()
     validate_config(cfg, world_size)
     return cfg, world_size
