@@ -11,12 +11,16 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.distributed.launch_env import world_size_from_env
-from megatron_bloom.errors import run_main
+from megatron_bloom.errors import UserError, run_main
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = True) -> Tuple[RunConfig, int]:
     """Parse flags + YAML and validate against the launcher's world size, before any process group."""
+    from megatron_bloom.config.loader import explicit_keys
+    from megatron_bloom.config.sources import fill_from_sources
+
     cfg = parse_config(argv)
+    fill_from_sources(cfg, explicit_keys(argv))
     world_size = world_size_from_env()
     validate_config(cfg, world_size, for_training=for_training)
     if for_training:
@@ -63,6 +67,9 @@ def run_training(cfg: RunConfig, finetune: bool = False) -> int:
 def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
     """launch/pretrain.py: check the configuration first, then the inputs, then train."""
     cfg, _ = resolve_config(argv)
+    if cfg.data.reset_attention_mask:
+        raise UserError("--reset-attention-mask (no attention across EOD) is not built for pretraining: documents "
+                        "attend across EOD here, as BLOOM trained; drop it")
     return run_training(cfg)
 
 

@@ -236,6 +236,10 @@ def megatron_engine_state(cfg, padded_vocab_size: int, iteration: int) -> Dict[s
 # ---- reading a Megatron-DeepSpeed training checkpoint ------------------------------------------------
 
 
+LOAD_FLAGS = ("no_load_optim", "no_load_rng", "finetune", "reset_progress")
+"""Megatron-DeepSpeed's flags that load less of a checkpoint than all of it (config.checkpoint)."""
+
+
 def trainer_state_from_megatron(state: Dict[str, Any], where: str) -> Dict[str, Any]:
     """Our trainer state (what ``megatron_bloom.pt`` holds) from an engine file of Megatron-DeepSpeed.
 
@@ -282,7 +286,8 @@ def trainer_state_from_megatron(state: Dict[str, Any], where: str) -> Dict[str, 
         "consumed_samples": int(args.get("consumed_train_samples") or 0),
         "consumed_tokens": int(state.get("tokens") or args.get("consumed_train_tokens") or 0),
         "layout": {"tp": tp, "pp": pp, "dp": dp, "zero": zero},
-        "config": {"model": model},
+        # The load flags of the run that saved it: a run given them resumes its own checkpoints in full.
+        "config": {"model": model, "checkpoint": {k: bool(args.get(k)) for k in LOAD_FLAGS}},
         "weights_only": False,
         "megatron_deepspeed": True,
     }

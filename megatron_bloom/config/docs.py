@@ -33,6 +33,7 @@ def field_docs(cls: type) -> Dict[str, str]:
 
 def markdown_reference() -> str:
     """The configuration reference as a markdown table per section (for the README)."""
+    from .loader import FLAG_ALIASES
     from .schema import SECTIONS
 
     lines = []
@@ -43,8 +44,11 @@ def markdown_reference() -> str:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
-            flag = "--" + f.name.replace("_", "-")
-            lines.append(f"| `{f.name}` / `{flag}` | `{default}` | {docs.get(f.name, '')} |")
+            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, ())]
+            if f.type in (bool, "bool") and not f.name.startswith("no_"):
+                flags.append("--no-" + f.name.replace("_", "-"))
+            shown = " / ".join(f"`{flag}`" for flag in flags)
+            lines.append(f"| `{f.name}` / {shown} | `{default}` | {docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -54,7 +58,8 @@ def main() -> None:
     print("# Configuration reference\n")
     print("Generated from the docstrings under each field of `megatron_bloom/config/schema.py`")
     print("(`python -m megatron_bloom.config.docs > docs/configuration.md`). Every key can be set in a")
-    print("YAML file under its section (`--config FILE`) or with the flag; flags win.\n")
+    print("YAML file under its section (`--config FILE`) or with the flag; flags win (`--no-FLAG` turns a")
+    print("switch off). `--deepspeed_config FILE` fills what neither sets from a DeepSpeed JSON.\n")
     print(markdown_reference())
 
 

@@ -1,8 +1,10 @@
 """Build a ``RunConfig`` from defaults, a named model, a YAML file and Megatron-style flags.
 
 Precedence, lowest first: dataclass defaults < ``model_name``'s values < YAML < command-line flags.
-Flags are the field names with dashes (``--num-layers``); booleans are switches (``--bf16``);
-list fields take several values (``--data-path 0.7 en 0.3 fr``).
+Flags are the field names with dashes (``--num-layers``); booleans are switches that turn a field
+on (``--bf16``) or off (``--no-bf16``, e.g. over a YAML's ``bf16: true``); list fields take several
+values (``--data-path 0.7 en 0.3 fr``). Megatron-DeepSpeed's own spellings of two flags are
+accepted as well (``FLAG_ALIASES``), and integers may carry its scripts' underscores (``220_000_000``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,19 @@ from .schema import SECTIONS, RunConfig
 
 # Flags that launchers add on their own; accepted and ignored (the rank comes from the env).
 _LAUNCHER_FLAGS = ("--local_rank", "--local-rank")
+
+FLAG_ALIASES = {
+    "layer_norm_epsilon": ("--layernorm-epsilon",),
+    "deepspeed_config": ("--deepspeed_config",),
+}
+"""Further spellings of a field's flag: Megatron-DeepSpeed's (and DeepSpeed's) names for it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad value or a missing argument as one ``error:`` line, without its usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (--help lists every flag)")
 
 
 def _closest(name: str, options: Sequence[str]) -> str:
@@ -112,7 +127,7 @@ def load_yaml(path: str) -> Dict[str, Dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field; unset flags stay absent (SUPPRESS)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="megatron-bloom run configuration (YAML via --config, Megatron-DeepSpeed flags override it)",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,  # a typo must not silently select a longer flag
@@ -125,19 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         docs = field_docs(cls)
         types = _field_types(cls)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, ())]
             elem, is_list = _base_type(types[f.name])
             kwargs: Dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "")}
             if elem is bool:
-                if f.default is True:
-                    group.add_argument("--no-" + f.name.replace("_", "-"), action="store_false", **kwargs)
-                else:
-                    group.add_argument(flag, action="store_true", **kwargs)
+                group.add_argument(*flags, action="store_true", **kwargs)
+                if not f.name.startswith("no_"):
+                    group.add_argument("--no-" + f.name.replace("_", "-"), action="store_false", dest=f.name,
+                                       help=argparse.SUPPRESS)
                 continue
             if is_list:
                 kwargs["nargs"] = "+"
             kwargs["type"] = elem
-            group.add_argument(flag, **kwargs)
+            group.add_argument(*flags, **kwargs)
     return parser
 
 

@@ -39,6 +39,14 @@ class ParallelConfig:
     """'nccl' or 'gloo'; None picks nccl when CUDA is available, else gloo."""
     distributed_timeout_minutes: float = 10.0
     """Timeout of every collective; a lost rank makes the others fail after this long instead of hanging."""
+    deepspeed: bool = True
+    """Megatron-DeepSpeed's --deepspeed: DeepSpeed is always the engine here, so the switch is accepted and --no-deepspeed is refused."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON as Megatron-DeepSpeed's scripts write it (--deepspeed_config): its batch sizes, ZeRO stage, gradient clipping, bf16/fp16 and fp16 loss-scale settings fill the fields no flag or YAML sets; a value that disagrees with a flag is refused, naming both. The engine's own JSON is still built from the resolved configuration."""
+    deepspeed_activation_checkpointing: bool = False
+    """Megatron-DeepSpeed's switch to recompute through DeepSpeed's checkpointing; accepted: checkpoint_activations recomputes with this framework's TP-aware checkpointing (the same dropout masks on every TP rank) either way."""
+    remote_device: str = "none"
+    """Megatron-DeepSpeed's ZeRO-3 parameter offload at model build ('none', 'cpu', 'nvme'); only 'none' is supported."""
     sync_tp_duplicated_parameters: bool = False
     """Average the parameters every TP rank holds a copy of (LayerNorms, row-parallel biases) over the TP group in every forward, as Megatron-DeepSpeed's flag (BLOOM-176B's copies drifted apart in bf16)."""
 
@@ -90,9 +98,15 @@ class TrainingConfig:
     loss_scale: Optional[float] = None
     """Static fp16 loss scale; None means dynamic."""
     initial_loss_scale: float = 2.0**32
-    """Starting dynamic fp16 loss scale."""
+    """Starting dynamic fp16 loss scale (DeepSpeed JSON: 2 ** fp16.initial_scale_power)."""
     loss_scale_window: int = 1000
     """Steps without overflow before the dynamic loss scale grows."""
+    hysteresis: int = 2
+    """Overflows tolerated before the dynamic fp16 loss scale shrinks (DeepSpeed's fp16.hysteresis)."""
+    min_loss_scale: float = 1.0
+    """Floor of the dynamic fp16 loss scale (DeepSpeed's fp16.min_loss_scale)."""
+    optimizer: str = "adam"
+    """Megatron-DeepSpeed's --optimizer: 'adam' (AdamW with decoupled weight decay, as Megatron's Adam) is the only one built here; 'sgd' is refused."""
     exit_interval: Optional[int] = None
     """Save and exit when the iteration is a multiple of this."""
     exit_duration_in_mins: Optional[float] = None
@@ -121,10 +135,26 @@ class DataConfig:
     """bigscience's mixture file for train_weighted_split_paths: one line of double-quoted groups "NAME: W START:END PATH, ..." (a group per line is read too)."""
     valid_weighted_split_paths_path: Optional[str] = None
     """The same for valid_weighted_split_paths: one quoted group per validation set (e.g. per language)."""
+    test_weighted_split_paths: Optional[List[str]] = None
+    """Megatron-DeepSpeed's test groups; refused: the trainer evaluates validation groups only (run launch/evaluate.py on a test set)."""
     tokenizer_name_or_path: Optional[str] = None
     """Tokenizer folder (or hub name when online) loadable with transformers.AutoTokenizer."""
+    tokenizer_type: Optional[str] = None
+    """Megatron-DeepSpeed's --tokenizer-type; 'PretrainedFromHF' (a transformers tokenizer, --tokenizer-name-or-path) is the only one read here."""
+    data_impl: str = "infer"
+    """Megatron-DeepSpeed's --data-impl: 'mmap' (MMIDIDX .bin/.idx) and 'infer' read the same files; the older 'lazy' and 'cached' formats are refused."""
+    dataloader_type: Optional[str] = None
+    """Megatron-DeepSpeed's --dataloader-type: 'single' (one pass in the order of the sample index, the only kind here); 'cyclic' is refused."""
+    mmap_warmup: bool = False
+    """Megatron-DeepSpeed's --mmap-warmup (read the index through once at start); accepted: the .idx is read at start and the .bin paged in on demand either way."""
+    reset_position_ids: bool = False
+    """Megatron-DeepSpeed's --reset-position-ids: position ids restart after each EOD. Changes nothing here: ALiBi has no position ids."""
+    reset_attention_mask: bool = False
+    """Megatron-DeepSpeed's --reset-attention-mask: no attention across EOD. Finetuning: changes nothing (packed samples already attend within their own pair only). Pretraining: refused (documents attend across EOD, as BLOOM trained)."""
     num_workers: int = 2
-    """Background threads reading the next training steps' micro-batches while a step trains (0: each step reads its own when it starts)."""
+    """Background threads reading the next training steps' micro-batches while a step trains (0: each step reads its own when it starts), Megatron-DeepSpeed's DataLoader workers for training."""
+    valid_num_workers: int = 2
+    """The same for evaluation: threads reading each validation group's next batches while one is evaluated."""
 
 
 @dataclass
@@ -139,6 +169,16 @@ class CheckpointConfig:
     """Save every this many iterations."""
     keep_last_k: Optional[int] = None
     """Keep only the newest K complete checkpoints."""
+    no_load_optim: bool = False
+    """Load the weights of --load but not its optimizer state (fresh Adam moments), as Megatron-DeepSpeed; iteration and consumed samples are still read unless reset_progress or finetune. A checkpoint saved by a run that was itself given this flag resumes in full (a requeued job does not drop its own optimizer)."""
+    no_load_rng: bool = False
+    """Do not restore the RNG states of --load (fresh streams from --seed), as Megatron-DeepSpeed; same rule for a run's own checkpoints."""
+    finetune: bool = False
+    """Megatron-DeepSpeed's --finetune: load the weights of --load only (no optimizer, no RNG) and start at iteration 0 (consumed samples are kept, as its load_checkpoint keeps them); same rule for a run's own checkpoints."""
+    reset_progress: bool = False
+    """Megatron-DeepSpeed's --reset-progress (BLOOMZ): start at iteration 0 with 0 consumed samples from the checkpoint in --load; same rule for a run's own checkpoints."""
+    universal_checkpoint: bool = False
+    """Megatron-DeepSpeed's --universal-checkpoint (--load holds a universal checkpoint). Accepted: a checkpoint of another layout is converted to, or read as, a universal checkpoint here without the flag."""
 
 
 @dataclass
@@ -153,6 +193,14 @@ class LoggingConfig:
     """Batches per evaluation."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard log directory; None disables TensorBoard."""
+    tensorboard_queue_size: int = 1000
+    """Events TensorBoard's writer holds before it writes them to disk (Megatron-DeepSpeed's --tensorboard-queue-size)."""
+    log_timers_to_tensorboard: bool = False
+    """Megatron-DeepSpeed's switch for its per-phase timers; accepted: iteration-time/* is always written and no per-phase timers are kept."""
+    log_batch_size_to_tensorboard: bool = True
+    """Write batch-size/batch-size (+ vs samples); on by default here (Megatron-DeepSpeed's default is off)."""
+    log_validation_ppl_to_tensorboard: bool = True
+    """Write .../lm loss validation ppl next to each validation loss; on by default here (Megatron-DeepSpeed's default is off)."""
     wandb_project: Optional[str] = None
     """Weights & Biases project; None disables wandb (WANDB_MODE=offline works without network)."""
 
@@ -173,6 +221,8 @@ class FinetuneConfig:
     """Accepted for Megatron-DeepSpeed command lines; changes nothing: the finetuning loss always covers target tokens only (finetune_t0.py masks inputs and padding whatever this flag says; Megatron-DeepSpeed reads it only for prefix-LM masks, which BLOOMZ did not use)."""
     reweight_loss_based_on_position_frequency: bool = False
     """Refused: Megatron-DeepSpeed uses it only for prefix-LM training (pretrain_prefix_lm.py reweights its loss mask by position; GPTModelPipe's prefix-mask loss, with loss_on_targets_only, divides by (s+2)/3 instead of (s+1)/2 expected target tokens per row of s); finetune_t0.py's packed causal mask (BLOOMZ's, the one here) never reads it."""
+    prefixlm: bool = False
+    """Megatron-DeepSpeed's --prefixlm (inputs attend bidirectionally); refused: BLOOMZ trained causal, the only mask built here."""
     overlong: str = "truncate"
     """Pairs longer than seq_length: 'truncate' their inputs from the left (the target is kept) or 'skip' them; both are counted and reported."""
 

@@ -5,17 +5,20 @@ Every message gives the numbers involved and a way to fix them, e.g.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import List, Optional
 
 from megatron_bloom.errors import UserError
+from .deepspeed_json import check_accumulation
 from .schema import RunConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 ATTENTION_IMPLS = ("sdpa", "eager")
 NAN_POLICIES = ("stop", "skip")
 LOSS_NORMALIZATIONS = ("micro-batch", "global-batch")
+DATA_IMPLS = ("mmap", "infer")
 
 
 def _divisors(n: int, limit: int) -> List[int]:
@@ -104,6 +107,7 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
         )
     if m.make_vocab_size_divisible_by < 1:
         raise UserError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
+    _check_megatron_deepspeed_choices(cfg)
     padded = m.padded_vocab_size(tp)
     assert padded % (m.make_vocab_size_divisible_by * tp) == 0 and padded >= m.vocab_size
     for name in ("hidden_dropout", "attention_dropout"):
@@ -144,8 +148,11 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
                           "DeepSpeed's ZeRO optimizer, as in BLOOM-176B's run); use --zero-stage 1")
     if t.micro_batch_size < 1:
         raise UserError(f"micro_batch_size={t.micro_batch_size} must be >= 1")
-    if cfg.data.num_workers < 0:
-        raise UserError(f"num_workers={cfg.data.num_workers} must be >= 0 (0 reads each step's batches when it starts)")
+    for name in ("num_workers", "valid_num_workers"):
+        if getattr(cfg.data, name) < 0:
+            raise UserError(f"{name}={getattr(cfg.data, name)} must be >= 0 (0 reads each step's batches when it starts)")
+    if t.hysteresis < 1 or t.min_loss_scale <= 0:
+        raise UserError(f"hysteresis={t.hysteresis} must be >= 1 and min_loss_scale={t.min_loss_scale} > 0")
     step = t.micro_batch_size * dp
     if t.global_batch_size is None:
         t.global_batch_size = step
@@ -171,6 +178,7 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
                 f"rampup_batch_size: global_batch_size {t.global_batch_size} - start {start} is not a multiple "
                 f"of increment {incr}; pick an increment that divides {t.global_batch_size - start}"
             )
+    check_accumulation(cfg)
     if t.lr_decay_style not in LR_DECAY_STYLES:
         raise UserError(f"lr_decay_style='{t.lr_decay_style}' is not one of {', '.join(LR_DECAY_STYLES)}")
     if t.nan_policy not in NAN_POLICIES:
@@ -205,3 +213,50 @@ def _check_finetune_loss(cfg: RunConfig) -> None:
     if f.eod_mask_loss and f.loss_normalization == "global-batch":
         raise UserError("--eod-mask-loss needs --loss-normalization micro-batch: the global-batch mean counts target "
                         "tokens from the packing plan, which masking EOD positions would make wrong")
+
+
+def _check_megatron_deepspeed_choices(cfg: RunConfig) -> None:
+    """Megatron-DeepSpeed flags whose other values are not built here: one line each, naming the fix."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.training
+    tp = p.tensor_model_parallel_size
+    if m.position_embedding_type != "alibi":
+        raise UserError(f"--position-embedding-type {m.position_embedding_type} is not built here: BLOOM uses "
+                        f"ALiBi; pass --position-embedding-type alibi")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise UserError(f"--max-position-embeddings {m.max_position_embeddings} is below --seq-length "
+                        f"{m.seq_length}; raise it to at least {m.seq_length} (ALiBi itself has no limit)")
+    if not m.embed_layernorm:
+        raise UserError("--no-embed-layernorm: every BLOOM has a LayerNorm after its word embedding, the only "
+                        "architecture built here; drop the flag")
+    if m.pad_vocab_size_to is not None:
+        multiple = m.make_vocab_size_divisible_by
+        if m.pad_vocab_size_to % multiple or m.pad_vocab_size_to % tp:
+            lcm = math.lcm(multiple, tp)
+            raise UserError(f"--pad-vocab-size-to {m.pad_vocab_size_to} must be a multiple of "
+                            f"--make-vocab-size-divisible-by {multiple} and of TP {tp}; use "
+                            f"{-(-m.pad_vocab_size_to // lcm) * lcm}")
+    if d.tokenizer_type not in (None, "PretrainedFromHF"):
+        raise UserError(f"--tokenizer-type {d.tokenizer_type} is not read here: only transformers tokenizers are "
+                        f"(--tokenizer-type PretrainedFromHF --tokenizer-name-or-path FOLDER); save yours with "
+                        f"transformers' save_pretrained and pass that folder")
+    if d.data_impl not in DATA_IMPLS:
+        raise UserError(f"--data-impl {d.data_impl}: only Megatron's mmap .bin/.idx datasets are read here; "
+                        f"convert the data with Megatron's preprocess_data.py --dataset-impl mmap, or pass "
+                        f"--data-impl mmap")
+    if d.dataloader_type not in (None, "single"):
+        raise UserError(f"--dataloader-type {d.dataloader_type} is not built here: samples are read once in the "
+                        f"order of the sample index; pass --dataloader-type single")
+    if d.test_weighted_split_paths:
+        raise UserError("--test-weighted-split-paths: the trainer evaluates validation groups only; pass the test "
+                        "groups as --valid-weighted-split-paths, or evaluate them with launch/evaluate.py")
+    if t.optimizer != "adam":
+        raise UserError(f"--optimizer {t.optimizer} is not built here: Adam (decoupled weight decay) is; pass "
+                        f"--optimizer adam")
+    if not p.deepspeed:
+        raise UserError("--no-deepspeed: DeepSpeed is the engine of every run here; drop the flag")
+    if p.remote_device != "none":
+        raise UserError(f"--remote-device {p.remote_device} (ZeRO-3 parameter offload) is not supported; pass "
+                        f"--remote-device none")
+    if cfg.finetune.prefixlm:
+        raise UserError("--prefixlm (inputs attend bidirectionally) is not built here: BLOOMZ trained with a "
+                        "causal mask, the one built; drop the flag")

@@ -22,14 +22,16 @@ Tags written (step = iteration unless the tag says `` vs samples`` / `` vs token
 every iteration   lm-loss-training/lm loss (+ vs samples, vs tokens; advanced iterations only),
                   learning-rate/learning-rate (+ vs samples, vs tokens), grad-norm/grad-norm
                   (+ vs samples, vs tokens), loss-scale/loss-scale (+ ..., fp16 only),
-                  batch-size/batch-size (+ vs samples), steps-vs-samples/*, steps-vs-tokens/*
+                  batch-size/batch-size (+ vs samples; --no-log-batch-size-to-tensorboard drops it),
+                  steps-vs-samples/*, steps-vs-tokens/*
 log interval      iteration-time/iteration-time (s, + vs samples, vs tokens), iteration-time/
                   samples per second (+ per replica), iteration-time/tokens per second (+ per
                   replica), iteration-time/TFLOPs per gpu (estimated),
                   skipped-iterations/skipped-iterations, nan-iterations/nan-iterations (counts in
                   the interval)
 log_validation    lm-loss-validation/<group>/lm loss validation (+ vs samples, vs tokens) and
-                  .../lm loss validation ppl (+ vs samples, vs tokens)
+                  .../lm loss validation ppl (+ vs samples, vs tokens; --no-log-validation-ppl-to-tensorboard
+                  drops it)
 log_memory        memory/rank <r> <name>, e.g. memory/rank 3 max rss MB, memory/rank 3 rss MB, and on a
                   GPU memory/rank 3 max allocated MB, memory/rank 3 max reserved MB
 once              text 'arguments': the resolved config as a markdown table
@@ -86,6 +88,8 @@ class TrainingMonitor:
         self.world_size = world_size
         self.log_interval = cfg.logging.log_interval
         self.fp16 = cfg.training.fp16
+        self.log_batch_size = cfg.logging.log_batch_size_to_tensorboard
+        self.log_validation_ppl = cfg.logging.log_validation_ppl_to_tensorboard
         m, p = cfg.model, cfg.parallel
         self.seq_length = m.seq_length
         self.data_parallel_size = p.data_parallel_size or max(
@@ -102,7 +106,7 @@ class TrainingMonitor:
             return
         lg = cfg.logging
         if lg.tensorboard_dir:
-            self.writers.append(TensorBoardWriter(lg.tensorboard_dir))
+            self.writers.append(TensorBoardWriter(lg.tensorboard_dir, max_queue=lg.tensorboard_queue_size))
         if lg.wandb_project:
             from megatron_bloom.config.loader import config_to_dict
 
@@ -191,9 +195,9 @@ class TrainingMonitor:
             "learning-rate/learning-rate": learning_rate,
             "learning-rate/learning-rate vs samples": learning_rate,
             "learning-rate/learning-rate vs tokens": learning_rate,
-            "batch-size/batch-size": global_batch_size,
-            "batch-size/batch-size vs samples": global_batch_size,
         }
+        if self.log_batch_size:
+            values["batch-size/batch-size"] = values["batch-size/batch-size vs samples"] = global_batch_size
         if not skipped:
             for suffix in ("", " vs samples", " vs tokens"):
                 values[f"lm-loss-training/lm loss{suffix}"] = float(loss)
@@ -249,7 +253,8 @@ class TrainingMonitor:
             loss = float(loss)
             for suffix in ("", " vs samples", " vs tokens"):
                 values[f"{base}/lm loss validation{suffix}"] = loss
-                values[f"{base}/lm loss validation ppl{suffix}"] = perplexity(loss)
+                if self.log_validation_ppl:
+                    values[f"{base}/lm loss validation ppl{suffix}"] = perplexity(loss)
         self._write(values, iteration, consumed_samples, consumed_tokens)
         block = format_validation_block(iteration, losses)
         self.print_fn(block)

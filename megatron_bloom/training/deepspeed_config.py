@@ -41,8 +41,8 @@ def build_deepspeed_config(cfg: RunConfig) -> Dict[str, Any]:
             "loss_scale": t.loss_scale or 0,  # 0 = dynamic
             "initial_scale_power": int(round(__import__("math").log2(t.initial_loss_scale))),
             "loss_scale_window": t.loss_scale_window,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
+            "hysteresis": t.hysteresis,
+            "min_loss_scale": t.min_loss_scale,
         }
     if cfg.parallel.pipeline_model_parallel_size > 1:
         ds["pipeline"] = {"activation_checkpoint_interval": 0}

@@ -71,6 +71,7 @@ def finetune_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     """
     import sys
 
+    from megatron_bloom.config.sources import fill_from_sources
     from megatron_bloom.data.packing import OVERLONG_MODES
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -85,6 +86,8 @@ def finetune_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
         for key in ARCHITECTURE_KEYS:
             if key not in given["model"]:
                 setattr(cfg.model, key, getattr(source, key))
+                given["model"].add(key)  # the checkpoint's vocabulary wins over the tokenizer's
+    fill_from_sources(cfg, given)
     if cfg.finetune.overlong not in OVERLONG_MODES:
         raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
     return cfg

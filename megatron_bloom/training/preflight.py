@@ -26,6 +26,7 @@ import warnings
 from typing import List, Tuple
 
 from megatron_bloom.errors import UserError
+from megatron_bloom.models.bloom.config import megatron_padded_vocab_size
 from megatron_bloom.config.schema import RunConfig
 
 
@@ -82,8 +83,9 @@ def check_data(cfg: RunConfig, finetune: bool = False) -> None:
             if top is not None and top >= vocab:
                 raise UserError(
                     f"{sub} holds token id {top} >= vocab_size {vocab}: it was tokenized with a larger vocabulary "
-                    f"than the model's; set --vocab-size to that tokenizer's size (at least {top + 1}) or "
-                    f"re-preprocess the data with the model's tokenizer"
+                    f"than the model's; pass that tokenizer (--tokenizer-name-or-path, which sizes the vocabulary), "
+                    f"set --vocab-size {megatron_padded_vocab_size(top + 1, cfg.parallel.tensor_model_parallel_size, cfg.model.make_vocab_size_divisible_by)} "
+                    f"or more, or re-preprocess the data with the model's tokenizer"
                 )
 
 
@@ -103,7 +105,9 @@ def check_tokenizer(cfg: RunConfig) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(
             f"tokenizer {name} has {tokenizer.vocab_size} tokens but vocab_size is {cfg.model.vocab_size}; "
-            f"set --vocab-size {tokenizer.vocab_size} (or more) or use the model's tokenizer"
+            f"drop --vocab-size (the tokenizer then sizes it), set --vocab-size "
+            f"{megatron_padded_vocab_size(tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size, cfg.model.make_vocab_size_divisible_by)} "
+            f"or more, or use the model's tokenizer"
         )
 
 

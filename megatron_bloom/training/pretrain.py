@@ -96,14 +96,19 @@ class Trainer:
         self.resume = self._find_resume()
         self.same_layout = True
         self.weights_only = False
+        self.load_flags: Dict[str, bool] = {}
+        universal = False
         load_dir = None
         if self.resume is not None:
             check_compatible(self.resume, cfg.model)
             self.weights_only = bool(self.resume.state.get("weights_only"))
             saved = self.resume.layout
             self.same_layout = self.weights_only or saved == layout_of(cfg)
+            self.load_flags = self._load_flags()
+            module_only = self.load_flags["no_load_optim"] or self.load_flags["finetune"]
             load_dir = self.resume.directory
-            if not self.same_layout:
+            if not self.same_layout and not module_only:  # weights alone load at any layout
+                universal = True
                 if saved.get("zero") == 0 or p.zero_stage == 0:
                     raise UserError(
                         f"checkpoint {self.resume.path} was saved at {saved}; changing layout goes through a "
@@ -117,7 +122,7 @@ class Trainer:
                     done=lambda: os.path.isdir(converted), failure_file=converted + ".failed",
                     what=f"converting {self.resume.path} to a universal checkpoint")
 
-        self.engine = BloomEngine(cfg, self.state, load_universal=not self.same_layout, loss_class=self.loss_class)
+        self.engine = BloomEngine(cfg, self.state, load_universal=universal, loss_class=self.loss_class)
         if self.resume is not None:
             self._load(load_dir)
 
@@ -191,6 +196,24 @@ class Trainer:
                             consumed_samples=self.consumed_samples, consumed_tokens=self.consumed_tokens,
                             padded_vocab_size=self.engine.padded_vocab_size, world_size=self.world)
 
+    def _load_flags(self) -> Dict[str, bool]:
+        """Which of --no-load-optim, --no-load-rng, --finetune, --reset-progress apply to the checkpoint.
+
+        As Megatron-DeepSpeed's load_checkpoint, except that a checkpoint saved by a run that was
+        itself given a flag is resumed in full: that run already applied it, and its requeued jobs,
+        which repeat the same command, must not drop their own optimizer or progress each time.
+        """
+        from megatron_bloom.checkpoint.megatron_args import LOAD_FLAGS
+
+        given = {name: getattr(self.cfg.checkpoint, name) for name in LOAD_FLAGS}
+        saved_by = self.resume.state.get("config", {}).get("checkpoint", {})
+        applied = {name: on and not saved_by.get(name, False) for name, on in given.items()}
+        kept = [name for name, on in given.items() if on and not applied[name]]
+        if kept:
+            log0(f"> {self.resume.path} was saved by a run given --{', --'.join(n.replace('_', '-') for n in kept)}: "
+                 f"resuming it in full")
+        return applied
+
     def _load(self, load_dir: str) -> None:
         info = self.resume
         if self.weights_only:
@@ -199,17 +222,26 @@ class Trainer:
             load_weights_only(self.engine, info.directory, info.tag)
             log0(f"> loaded weights from {info.path} (fresh optimizer, schedule and data position)")
             return
-        s = info.state
-        self.engine.load(load_dir, info.tag, optimizer_steps=s["iteration"] - s.get("skipped_iterations", 0))
-        self.iteration = s["iteration"]
-        self.consumed_samples = s["consumed_samples"]
-        self.consumed_tokens = s["consumed_tokens"]
+        s, flags = info.state, self.load_flags
+        if flags["no_load_optim"] or flags["finetune"]:
+            from megatron_bloom.checkpoint.native import load_weights_only
+
+            load_weights_only(self.engine, info.directory, info.tag)
+            log0(f"> loaded the weights of {info.path}, not its optimizer state (--no-load-optim/--finetune)")
+        else:
+            self.engine.load(load_dir, info.tag, optimizer_steps=s["iteration"] - s.get("skipped_iterations", 0))
+        self.iteration = 0 if flags["finetune"] or flags["reset_progress"] else s["iteration"]
+        self.consumed_samples = 0 if flags["reset_progress"] else s["consumed_samples"]
+        self.consumed_tokens = 0 if flags["reset_progress"] else s["consumed_tokens"]
+        if flags["finetune"] or flags["reset_progress"]:
+            self._load_progress_reset(flags)
+            return
         self.skipped_iterations = s.get("skipped_iterations", 0)
         self.nan_iterations = s.get("nan_iterations", 0)
         self.skipped_sample_ranges = dict(s.get("skipped_sample_ranges", {}))
         if "lr_schedule" in s:
             self.lr_schedule.load_state_dict(s["lr_schedule"])
-        restored = load_rng(info, self.rank, self.same_layout, self.engine.tracker)
+        restored = not flags["no_load_rng"] and load_rng(info, self.rank, self.same_layout, self.engine.tracker)
         if not restored:
             # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically,
             # each stage and TP rank its own as at the start of a run.
@@ -217,6 +249,17 @@ class Trainer:
             self.engine.seed_dropout(self.cfg.training.seed + self.iteration)
         log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
               + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
+
+    def _load_progress_reset(self, flags: Dict[str, bool]) -> None:
+        """After --finetune or --reset-progress: counters from zero (samples kept by --finetune alone)."""
+        info = self.resume
+        restored = (not flags["no_load_rng"] and not flags["finetune"]
+                    and load_rng(info, self.rank, self.same_layout, self.engine.tracker))
+        if not restored:
+            set_seed(self.cfg.training.seed)
+            self.engine.seed_dropout(self.cfg.training.seed)
+        log0(f"> loaded {info.path} (saved at iteration {info.state['iteration']}); starting at iteration 0 with "
+             f"{self.consumed_samples} samples consumed (--{'finetune' if flags['finetune'] else 'reset-progress'})")
 
     def save(self) -> None:
         c = self.cfg.checkpoint
@@ -246,11 +289,17 @@ class Trainer:
     def _evaluate_group(self, name: str, dataset) -> float:
         """Mean loss over the first ``eval_iters`` global batches of one validation group."""
         gbs = self.batch_schedule.global_batch_size(self.consumed_samples)
+        # --valid-num-workers threads read the next batches while one is evaluated.
+        read = StepReader(lambda consumed, size: self._batches(dataset, consumed, size),
+                          self.cfg.data.valid_num_workers if self.engine.reads_data else 0, lambda consumed: gbs)
         losses = []
-        for i in range(self.cfg.logging.eval_iters):
-            # Evaluation reads its own dataset from the start each time: comparable numbers.
-            losses.append(self.engine.eval_step(self._batches(dataset, i * gbs, gbs),
-                                                gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
+        try:
+            for i in range(self.cfg.logging.eval_iters):
+                # Evaluation reads its own dataset from the start each time: comparable numbers.
+                losses.append(self.engine.eval_step(read(i * gbs, gbs),
+                                                    gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
+        finally:
+            read.close()
         return sum(losses) / len(losses)
 
     def evaluate(self) -> Dict[str, float]:

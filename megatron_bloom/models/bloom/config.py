@@ -24,13 +24,23 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None
     """MLP inner size; None means 4 * hidden_size as in BLOOM."""
     vocab_size: int = 256
-    """Number of real tokens (the tokenizer's vocabulary size or a checkpoint's embedding rows)."""
+    """Rows of the output softmax and the embedding: a checkpoint's embedding rows, or, when neither this nor the YAML sets it and --tokenizer-name-or-path is given, the tokenizer's size padded as Megatron-DeepSpeed pads it (to pad_vocab_size_to, else to a multiple of make_vocab_size_divisible_by x TP)."""
     make_vocab_size_divisible_by: int = 128
     """Embedding rows are padded to a multiple of this times tensor_model_parallel_size (Megatron)."""
+    pad_vocab_size_to: Optional[int] = None
+    """Megatron-DeepSpeed's --pad-vocab-size-to: the tokenizer's vocabulary is padded to exactly this many rows (BLOOM: 250880 for 250,680 tokens); must be a multiple of make_vocab_size_divisible_by and of TP."""
     seq_length: int = 128
     """Training sequence length in tokens."""
+    max_position_embeddings: Optional[int] = None
+    """Megatron-DeepSpeed's position-table size; ALiBi has no table, so it is only checked: at least seq_length."""
+    position_embedding_type: str = "alibi"
+    """Megatron-DeepSpeed's --position-embedding-type; BLOOM's 'alibi' is the only one built here ('absolute' and 'rotary' are refused)."""
+    embed_layernorm: bool = True
+    """LayerNorm after the word embedding (Megatron-DeepSpeed's --embed-layernorm, which every BLOOM has); --no-embed-layernorm is refused."""
+    abort_on_unmet_fused_kernel_constraints: bool = False
+    """Megatron-DeepSpeed's switch to abort when its fused softmax kernel cannot run; accepted and always met: no custom fused kernel is used (torch's scaled_dot_product_attention or the eager path)."""
     layer_norm_epsilon: float = 1e-5
-    """Epsilon of every LayerNorm."""
+    """Epsilon of every LayerNorm (--layernorm-epsilon, Megatron-DeepSpeed's spelling, is the same flag)."""
     init_method_std: float = 0.0048
     """Standard deviation of the normal weight init (BLOOM-176B used 0.0048)."""
     hidden_dropout: float = 0.1
@@ -57,3 +67,17 @@ class ModelConfig:
         """
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
         return -(-self.vocab_size // multiple) * multiple
+
+
+def megatron_padded_vocab_size(tokens: int, tensor_model_parallel_size: int, make_vocab_size_divisible_by: int = 128,
+                               pad_vocab_size_to: Optional[int] = None) -> int:
+    """Embedding rows Megatron-DeepSpeed gives a tokenizer of ``tokens`` tokens (its ``_vocab_size_with_padding``).
+
+    ``pad_vocab_size_to`` when given (it must be at least ``tokens``; ``validate_config`` checks its
+    divisibility), else ``tokens`` rounded up to a multiple of ``make_vocab_size_divisible_by x TP``.
+    Every row takes part in the softmax, as in Megatron-DeepSpeed.
+    """
+    if pad_vocab_size_to is not None:
+        return max(pad_vocab_size_to, tokens)
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-tokens // multiple) * multiple
