@@ -28,7 +28,7 @@ import copy
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set
 
 from megatron_bloom.errors import EXIT_USER_ERROR, ArgumentParser, UserError, run_main
 
@@ -90,31 +90,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _published_values(name: str) -> Tuple[Dict[str, Dict[str, object]], Dict[str, object]]:
-    """({section: {field: value}}, cluster) of a published run, for the fields no flag sets."""
+def _published(name: str):
     from megatron_bloom.planning import PUBLISHED
 
     if name not in PUBLISHED:
         raise UserError(f"unknown --published '{name}'; known: {', '.join(PUBLISHED)}")
-    pub = PUBLISHED[name]
-    values = {
-        "model": {"model_name": pub.model_name, "checkpoint_activations": pub.checkpoint_activations},
-        "parallel": {"tensor_model_parallel_size": pub.tensor_model_parallel_size,
-                     "pipeline_model_parallel_size": pub.pipeline_model_parallel_size, "zero_stage": pub.zero_stage},
-        "training": {"micro_batch_size": pub.micro_batch_size, "global_batch_size": pub.global_batch_size,
-                     "rampup_batch_size": list(pub.rampup_batch_size) if pub.rampup_batch_size else None,
-                     "bf16": pub.precision == "bf16", "fp16": pub.precision == "fp16"},
-    }
-    return values, {"nodes": pub.nodes, "gpus_per_node": pub.gpus_per_node, "gpu": pub.gpu}
+    return PUBLISHED[name]
+
+
+def published_flags(name: str, given: Dict[str, Set[str]]) -> List[str]:
+    """The trainer flags of a published run's layout, but for the fields ``given`` names (set by flag or YAML)."""
+    pub = _published(name)
+    values = (
+        ("model", "model_name", pub.model_name),
+        ("parallel", "tensor_model_parallel_size", pub.tensor_model_parallel_size),
+        ("parallel", "pipeline_model_parallel_size", pub.pipeline_model_parallel_size),
+        ("parallel", "zero_stage", pub.zero_stage),
+        ("training", "micro_batch_size", pub.micro_batch_size),
+        ("training", "global_batch_size", pub.global_batch_size),
+    )
+    flags = [f"--{key.replace('_', '-')}={value}" for section, key, value in values if key not in given[section]]
+    if pub.rampup_batch_size and "rampup_batch_size" not in given["training"]:
+        flags += ["--rampup-batch-size", *map(str, pub.rampup_batch_size)]
+    if pub.checkpoint_activations and "checkpoint_activations" not in given["model"]:
+        flags.append("--checkpoint-activations")
+    if pub.precision != "fp32" and not {"bf16", "fp16"} & given["training"]:
+        flags.append("--" + pub.precision)
+    return flags
 
 
 def trainer_config(argv: Sequence[str], finetune: bool = False, published: Optional[str] = None):
-    """(RunConfig, {section: fields set by flag or YAML}) the trainer would resolve from ``argv``.
+    """(RunConfig, {section: fields set by flag or YAML}) the trainer resolves from ``argv``, away from its data.
 
-    ``published`` fills the layout fields that no flag or YAML key sets (bf16/fp16 count as one).
+    ``published`` adds the trainer flags of that run's layout where ``argv`` sets nothing. Tokenizers
+    and --pretrained are read only when they exist here (and --pretrained only when no
+    --model-name names the architecture).
     """
     from megatron_bloom.config import parse_config
     from megatron_bloom.config.loader import explicit_keys
+    from megatron_bloom.config.sources import fill_from_sources
 
     argv = list(argv)
     for arg in argv:
@@ -122,11 +136,8 @@ def trainer_config(argv: Sequence[str], finetune: bool = False, published: Optio
             raise UserError(f"plan.py takes the trainer's flags now: instead of {arg.split('=')[0]} give "
                             f"{_RENAMED[arg.split('=')[0]]}")
     given = explicit_keys(argv)
-    values: Dict[str, Dict[str, object]] = {}
     if published:
-        values, _ = _published_values(published)
-        if "model_name" not in given["model"]:
-            argv = ["--model-name", str(values["model"]["model_name"]), *argv]  # its architecture, under the flags
+        argv = published_flags(published, given) + argv
     if finetune:
         from megatron_bloom.training.finetune import finetune_run_config
 
@@ -135,14 +146,9 @@ def trainer_config(argv: Sequence[str], finetune: bool = False, published: Optio
         if pretrained and not named.model.model_name and not os.path.isdir(pretrained):
             raise UserError(f"--pretrained {pretrained} is not a folder here: the architecture is read from it "
                             f"unless --model-name names it (give --model-name to plan without the checkpoint)")
-        cfg = finetune_run_config(argv)
-    else:
-        cfg = parse_config(argv)
-    precision_given = bool({"bf16", "fp16"} & given["training"])
-    for section, fields in values.items():
-        for key, value in fields.items():
-            if key not in given[section] and not (key in ("bf16", "fp16") and precision_given):
-                setattr(getattr(cfg, section), key, value)
+        return finetune_run_config(argv, read_tokenizer=False), given
+    cfg = parse_config(argv)
+    fill_from_sources(cfg, explicit_keys(argv), read_tokenizer=False)
     return cfg, given
 
 
@@ -226,7 +232,8 @@ def plan(argv: Optional[Sequence[str]] = None) -> int:
 
     args, trainer_argv = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
     cfg, given = trainer_config(trainer_argv, finetune=args.finetune, published=args.published)
-    cluster = _cluster(args, _published_values(args.published)[1] if args.published else {})
+    pub = _published(args.published) if args.published else None
+    cluster = _cluster(args, dict(nodes=pub.nodes, gpus_per_node=pub.gpus_per_node, gpu=pub.gpu) if pub else {})
     gbs_given = cfg.training.global_batch_size is not None
     try:
         cfg = check_as_the_trainer(cfg, cluster.world_size)

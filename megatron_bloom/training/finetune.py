@@ -64,10 +64,11 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hi
 """Model fields taken from --pretrained when neither a flag, the YAML nor --model-name sets them."""
 
 
-def finetune_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+def finetune_run_config(argv: Optional[Sequence[str]] = None, read_tokenizer: bool = True) -> RunConfig:
     """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained.
 
-    Not yet checked against a world size; ``launch/plan.py --finetune`` plans this same configuration.
+    Not yet checked against a world size; ``launch/plan.py --finetune`` plans this same configuration
+    (with ``read_tokenizer`` False: see ``config.sources.fill_vocabulary``).
     """
     import sys
 
@@ -87,7 +88,7 @@ def finetune_run_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
             if key not in given["model"]:
                 setattr(cfg.model, key, getattr(source, key))
                 given["model"].add(key)  # the checkpoint's vocabulary wins over the tokenizer's
-    fill_from_sources(cfg, given)
+    fill_from_sources(cfg, given, read_tokenizer=read_tokenizer)
     if cfg.finetune.overlong not in OVERLONG_MODES:
         raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
     return cfg
