@@ -37,7 +37,6 @@ _RENAMED = {
     "--tp": "--tensor-model-parallel-size",
     "--pp": "--pipeline-model-parallel-size",
     "--precision": "--bf16 or --fp16 (neither is fp32)",
-    "--no-checkpoint-activations": "no flag (recompute is off unless --checkpoint-activations)",
 }
 """plan.py's own names before it took the trainer's flags -> the trainer's flag to use instead."""
 
@@ -220,7 +219,7 @@ def _search(model, cluster, layout, assumptions, given: Dict[str, Set[str]]):
         pp=layout.pipeline_model_parallel_size if fixed("parallel", "pipeline_model_parallel_size") else None,
         micro_batch_sizes=[layout.micro_batch_size] if fixed("training", "micro_batch_size") else None,
         zero_stages=[layout.zero_stage] if fixed("parallel", "zero_stage") else None,
-        recompute=[True] if layout.checkpoint_activations else None,  # a switch: only "on" is a choice
+        recompute=[layout.checkpoint_activations] if fixed("model", "checkpoint_activations") else None,
         pp_partition_method=layout.pp_partition_method,
     )
 
@@ -228,7 +227,7 @@ def _search(model, cluster, layout, assumptions, given: Dict[str, Set[str]]):
 def plan(argv: Optional[Sequence[str]] = None) -> int:
     """The report; exit code 0 when the command fits, 2 when it does not (the reason on stderr)."""
     from megatron_bloom.planning import Assumptions, PUBLISHED, estimate
-    from megatron_bloom.planning.report import layout_key, search_table, text, to_dict
+    from megatron_bloom.planning.report import layout_key, model_label, search_table, text, to_dict
 
     args, trainer_argv = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
     cfg, given = trainer_config(trainer_argv, finetune=args.finetune, published=args.published)
@@ -269,7 +268,7 @@ def plan(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(out))
     if code:
         reason = "; ".join(result.problems) if result.problems else "no feasible layout found"
-        print(f"error: {cfg.model.model_name or 'model'} on {cluster.nodes} x {cluster.gpus_per_node} "
+        print(f"error: {model_label(result)} on {cluster.nodes} x {cluster.gpus_per_node} "
               f"{cluster.accelerator.name}: {reason}", file=sys.stderr, flush=True)
     return code
 
