@@ -109,7 +109,7 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
         raise UserError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
     _check_megatron_deepspeed_choices(cfg)
     padded = m.padded_vocab_size(tp)
-    assert padded % (m.make_vocab_size_divisible_by * tp) == 0 and padded >= m.vocab_size
+    assert padded % tp == 0 and padded >= m.vocab_size
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, name) < 1.0:
             raise UserError(f"{name}={getattr(m, name)} must be in [0, 1)")

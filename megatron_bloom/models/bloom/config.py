@@ -65,6 +65,9 @@ class ModelConfig:
         already); rows added here exist only so every TP rank holds the same number of rows, and
         are masked out of every softmax and loss.
         """
+        pad_to = self.pad_vocab_size_to
+        if pad_to is not None and pad_to >= self.vocab_size and pad_to % tensor_model_parallel_size == 0:
+            return pad_to  # Megatron-DeepSpeed's --pad-vocab-size-to: exactly this many rows at any TP
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
         return -(-self.vocab_size // multiple) * multiple
 
