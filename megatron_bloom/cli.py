@@ -17,7 +17,7 @@ from megatron_bloom.errors import UserError, run_main
 def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = True) -> Tuple[RunConfig, int]:
     """Parse flags + YAML and validate against the launcher's world size, before any process group."""
     from megatron_bloom.config.loader import explicit_keys
-    from megatron_bloom.config.sources import fill_from_sources
+    from megatron_bloom.training.sources import fill_from_sources
 
     cfg = parse_config(argv)
     fill_from_sources(cfg, explicit_keys(argv))

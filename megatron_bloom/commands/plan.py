@@ -127,7 +127,7 @@ def trainer_config(argv: Sequence[str], finetune: bool = False, published: Optio
     """
     from megatron_bloom.config import parse_config
     from megatron_bloom.config.loader import explicit_keys
-    from megatron_bloom.config.sources import fill_from_sources
+    from megatron_bloom.training.sources import fill_from_sources
 
     argv = list(argv)
     for arg in argv:

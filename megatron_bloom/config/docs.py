@@ -33,8 +33,7 @@ def field_docs(cls: type) -> Dict[str, str]:
 
 def markdown_reference() -> str:
     """The configuration reference as a markdown table per section (for the README)."""
-    from .loader import FLAG_ALIASES
-    from .schema import SECTIONS
+    from .schema import FLAG_ALIASES, SECTIONS
 
     lines = []
     for section, cls in SECTIONS.items():

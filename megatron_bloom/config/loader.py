@@ -22,16 +22,11 @@ from megatron_bloom.atomic import atomic_write_text
 from .docs import field_docs
 from megatron_bloom.errors import UserError
 from megatron_bloom.models.spec import get_model_spec
-from .schema import SECTIONS, RunConfig
+from .schema import FLAG_ALIASES, SECTIONS, RunConfig
 
 # Flags that launchers add on their own; accepted and ignored (the rank comes from the env).
 _LAUNCHER_FLAGS = ("--local_rank", "--local-rank")
 
-FLAG_ALIASES = {
-    "layer_norm_epsilon": ("--layernorm-epsilon",),
-    "deepspeed_config": ("--deepspeed_config",),
-}
-"""Further spellings of a field's flag: Megatron-DeepSpeed's (and DeepSpeed's) names for it."""
 
 
 class _Parser(argparse.ArgumentParser):

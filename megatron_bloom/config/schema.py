@@ -256,3 +256,10 @@ SECTIONS = {
     "logging": LoggingConfig,
     "finetune": FinetuneConfig,
 }
+
+
+FLAG_ALIASES = {
+    "layer_norm_epsilon": ("--layernorm-epsilon",),
+    "deepspeed_config": ("--deepspeed_config",),
+}
+"""Further spellings of a field's flag: Megatron-DeepSpeed's (and DeepSpeed's) names for it."""

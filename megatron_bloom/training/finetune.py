@@ -68,11 +68,11 @@ def finetune_run_config(argv: Optional[Sequence[str]] = None, read_tokenizer: bo
     """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained.
 
     Not yet checked against a world size; ``launch/plan.py --finetune`` plans this same configuration
-    (with ``read_tokenizer`` False: see ``config.sources.fill_vocabulary``).
+    (with ``read_tokenizer`` False: see ``training.sources.fill_vocabulary``).
     """
     import sys
 
-    from megatron_bloom.config.sources import fill_from_sources
+    from megatron_bloom.training.sources import fill_from_sources
     from megatron_bloom.data.packing import OVERLONG_MODES
 
     argv = list(sys.argv[1:] if argv is None else argv)

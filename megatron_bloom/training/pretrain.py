@@ -247,6 +247,8 @@ class Trainer:
             # each stage and TP rank its own as at the start of a run.
             set_seed(self.cfg.training.seed + self.iteration)
             self.engine.seed_dropout(self.cfg.training.seed + self.iteration)
+            if flags["no_load_rng"]:
+                log0(f"> --no-load-rng: RNG streams drawn fresh from --seed {self.cfg.training.seed}")
         log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
               + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
 

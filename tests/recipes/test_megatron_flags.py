@@ -10,7 +10,7 @@ import pytest
 
 from megatron_bloom.config import validate_config
 from megatron_bloom.config.loader import build_parser, explicit_keys, parse_config
-from megatron_bloom.config.sources import fill_from_sources
+from megatron_bloom.training.sources import fill_from_sources
 from megatron_bloom.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

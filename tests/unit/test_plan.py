@@ -86,18 +86,14 @@ def test_search_cli_lists_layouts(capsys):
     assert any(s["micro_batch_size"] == 2 and s["zero_stage"] == 1 for s in last_json(out)["search"])
 
 
-def test_yaml_config_and_its_missing_recompute(capsys, tmp_path):
-    """--config gives the layout, flags override it; BLOOM-176B without recompute cannot fit stage 0."""
-    config = tmp_path / "bloom-176b.yaml"
-    config.write_text("model: {model_name: bloom-176b}\n"
-                      "parallel: {tensor_model_parallel_size: 4, pipeline_model_parallel_size: 12, zero_stage: 1}\n"
-                      "training: {micro_batch_size: 2, global_batch_size: 2048, bf16: true, train_samples: 1000000}\n"
-                      "checkpoint: {save: /cluster/only/checkpoints}\n")
-    code, out, err = run_plan(capsys, "--config", str(config), "--nodes", "48", "--gpus-per-node", "8")
+def test_yaml_config_and_its_recompute(capsys):
+    """configs/bloom-176b.yaml recomputes activations, as tr11 did; without recompute stage 0 cannot fit."""
+    yaml_path = os.path.join(REPO, "configs", "bloom-176b.yaml")
+    code, out, err = run_plan(capsys, "--config", yaml_path, "--nodes", "48", "--gpus-per-node", "8",
+                              "--no-checkpoint-activations")
     assert code == 2
     assert "does not fit" in err and "--checkpoint-activations" in err and "Traceback" not in err
-    code, out, err = run_plan(capsys, "--config", str(config), "--nodes", "48", "--gpus-per-node", "8",
-                              "--checkpoint-activations", "--json")
+    code, out, err = run_plan(capsys, "--config", yaml_path, "--nodes", "48", "--gpus-per-node", "8", "--json")
     assert code == 0, err
     assert last_json(out)["layout"]["tensor_model_parallel_size"] == 4  # from the YAML
 

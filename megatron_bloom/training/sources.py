@@ -1,4 +1,5 @@
-"""Values a Megatron-DeepSpeed command line leaves to other files: its DeepSpeed JSON and its tokenizer.
+"""Values a Megatron-DeepSpeed command line leaves to other files: its DeepSpeed JSON and its tokenizer
+(here, not in config/, because the tokenizer is read with the data layer).
 
 ``fill_from_sources`` runs after the flags and YAML are parsed and before ``validate_config``:
 
@@ -15,8 +16,8 @@ from typing import Dict, Optional, Set
 from megatron_bloom.errors import UserError
 from megatron_bloom.models.bloom.config import megatron_padded_vocab_size
 
-from .deepspeed_json import apply_deepspeed_json
-from .schema import RunConfig
+from megatron_bloom.config.deepspeed_json import apply_deepspeed_json
+from megatron_bloom.config.schema import RunConfig
 
 
 def tokenizer_size(name: str) -> int:
