@@ -247,8 +247,29 @@ def test_published_layouts_fit_their_clusters():
     for name, pub in PUBLISHED.items():
         e = estimate(named_model_config(pub.model_name), Cluster(pub.nodes, pub.gpus_per_node, accelerator(pub.gpu)),
                      Layout(pub.tensor_model_parallel_size, pub.pipeline_model_parallel_size, pub.micro_batch_size,
-                            pub.global_batch_size, pub.zero_stage, pub.checkpoint_activations, pub.precision))
+                            pub.global_batch_size, pub.zero_stage, pub.checkpoint_activations, pub.precision,
+                            packed_samples=name.startswith("bloomz")))
         assert e.feasible, (name, e.problems)
+
+
+def test_published_table_is_the_recipes():
+    """--published NAME plans what slurm/NAME.slurm runs: the table and the recipe's defaults agree."""
+    import re
+
+    from megatron_bloom.planning import PUBLISHED
+
+    for name, pub in PUBLISHED.items():
+        text = open(os.path.join(REPO, "slurm", f"{name}.slurm"), encoding="utf-8").read()
+        recipe = dict(re.findall(r'^: "\$\{(\w+):=([^}]*)\}"', text, re.MULTILINE))
+        recipe["NODES"] = re.search(r"^#SBATCH --nodes=(\d+)", text, re.MULTILINE).group(1)
+        table = {"MODEL_NAME": pub.model_name, "NODES": str(pub.nodes), "GPUS_PER_NODE": str(pub.gpus_per_node),
+                 "GPU_KIND": pub.gpu, "TP": str(pub.tensor_model_parallel_size),
+                 "PP": str(pub.pipeline_model_parallel_size), "ZERO_STAGE": str(pub.zero_stage),
+                 "MICRO_BATCH_SIZE": str(pub.micro_batch_size), "GLOBAL_BATCH_SIZE": str(pub.global_batch_size),
+                 "RAMPUP_BATCH_SIZE": " ".join(map(str, pub.rampup_batch_size or ())), "PRECISION": pub.precision,
+                 "CHECKPOINT_ACTIVATIONS": str(int(pub.checkpoint_activations))}
+        differ = {k: (v, recipe.get(k)) for k, v in table.items() if recipe.get(k) != v}
+        assert not differ, f"planning/published.py {name} (table, recipe): {differ}"
 
 
 # ---- the memory model against live engines ---------------------------------------------------------
