@@ -32,7 +32,7 @@ class ParallelConfig:
     data_parallel_size: Optional[int] = None
     """Data-parallel degree DP; None derives it as world_size / (TP * PP)."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage 0-3 for the data-parallel optimizer (0 or 1 when PP > 1; at least 1 with bf16)."""
+    """DeepSpeed ZeRO stage 0-3 for the data-parallel optimizer (0 or 1 when PP > 1; with bf16, 0 and 1 both run BF16_Optimizer, as BLOOM-176B's zero_stage 0 did)."""
     pp_partition_method: str = "type:transformer|embedding"
     """How blocks are split into stages: 'uniform', 'parameters' or 'type:REGEX' (BLOOM counts embeddings as layers)."""
     distributed_backend: Optional[str] = None
@@ -92,7 +92,7 @@ class TrainingConfig:
     seed: int = 1234
     """Random seed for weights, dropout and data order."""
     bf16: bool = False
-    """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation (needs zero_stage >= 1)."""
+    """Train in bfloat16 with fp32 master weights and fp32 gradient accumulation (DeepSpeed's BF16_Optimizer at zero_stage 0 or 1)."""
     fp16: bool = False
     """Train in float16 with fp32 master weights and dynamic loss scaling."""
     loss_scale: Optional[float] = None

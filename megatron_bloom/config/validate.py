@@ -141,11 +141,6 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
 
     if t.bf16 and t.fp16:
         raise UserError("bf16 and fp16 are both set; choose one (or neither for fp32)")
-    if t.bf16 and p.zero_stage == 0:
-        # DeepSpeed keeps bf16's fp32 master weights and fp32 gradient accumulation in its ZeRO
-        # optimizers only; at stage 0 deepspeed.initialize refuses the mix after start-up.
-        raise UserError("bf16 needs zero_stage >= 1 (fp32 master weights and gradient accumulation live in "
-                          "DeepSpeed's ZeRO optimizer, as in BLOOM-176B's run); use --zero-stage 1")
     if t.micro_batch_size < 1:
         raise UserError(f"micro_batch_size={t.micro_batch_size} must be >= 1")
     for name in ("num_workers", "valid_num_workers"):

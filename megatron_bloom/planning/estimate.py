@@ -1,7 +1,7 @@
 """One layout on one cluster: is it valid, does it fit, how fast is it; and a search over layouts.
 
 Validity is the trainer's own check (``config.validate_config``) plus what only the planner knows
-(bf16 on V100, bf16 without ZeRO). Fit compares the fullest stage's bytes with the device memory
+(bf16 on V100). Fit compares the fullest stage's bytes with the device memory
 less a headroom for the CUDA context, NCCL buffers and allocator fragmentation.
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
         if layout.micro_batch_size > 1:
             hints.append("a smaller --micro-batch-size")
         hints.append("a larger --pp or --tp")
-        if layout.zero_stage < 1:
+        if layout.zero_stage < 1 and layout.precision != "bf16":  # bf16 partitions at 0 already
             hints.append("--zero-stage 1")
         result.problems.append(
             f"does not fit: stage {peak.stage} needs {peak.total / GIB:.1f} GiB per GPU (weights "

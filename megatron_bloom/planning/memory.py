@@ -5,7 +5,7 @@ as DeepSpeed 0.19 allocates them through our engine (counted from live tensors b
 ``planning/measure.py``; tests/unit/test_plan.py checks them within 10%):
 
     precision ZeRO  weights  gradients            optimizer (fp32 master + Adam m, v)
-    bf16      1     2        2 + 4 (bf16 + fp32   12/d    BF16_Optimizer, BLOOM-176B's path
+    bf16      0, 1  2        2 + 4 (bf16 + fp32   12/d    BF16_Optimizer, BLOOM-176B's path
                              accumulation, whole)
     bf16      2     2        4/d                  12/d
     bf16/fp16 3     w/d      g/d                  12/d    (+ gathered parameters, see stage_memory;
@@ -17,7 +17,10 @@ as DeepSpeed 0.19 allocates them through our engine (counted from live tensors b
     fp32      1     4        4                    12/d    (DeepSpeed keeps an fp32 partition copy)
     fp32      2     4        4/d                  12/d
 
-bf16 with ZeRO-0 does not start: DeepSpeed has no fp32-accumulating bf16 path without ZeRO.
+bf16 at ZeRO-0 runs DeepSpeed's BF16_Optimizer at its stage 1 (``deepspeed_zero_stage`` in
+training/deepspeed_config.py), as BLOOM-176B's ZeRO-0 did: the fp32 master weights and Adam
+moments are partitioned over DP, but its fp32 gradient buffer is whole on every rank (allocated
+flat for all of the rank's parameters; only the step reads a partition of it).
 ZeRO 1-3 through DeepSpeedZeroOptimizer (not BF16_Optimizer) also hold reduction buckets of
 ``reduce_bucket_size`` elements in the gradient dtype (5e8 in deepspeed_config.py: 1 GB in 16 bit),
 two at once for ZeRO-1 under the pipeline engine (see ``reduce_bucket_bytes``).
@@ -80,10 +83,7 @@ def state_bytes_per_parameter(precision: str, zero_stage: int, dp: int) -> Tuple
     """(weights, gradients, optimizer states) bytes per parameter on a rank; see the table above."""
     w = element_bytes(precision)
     if precision == "bf16":
-        if zero_stage == 0:
-            raise PlanError("bf16 with fp32 gradient accumulation (BLOOM's setting) needs ZeRO stage 1 or more "
-                            "in DeepSpeed (zero_stage=0 raises 'unsupported mix'); use --zero-stage 1")
-        if zero_stage == 1:
+        if zero_stage <= 1:
             return w, 2 + 4, 12 / dp
         return (w if zero_stage == 2 else w / dp), 4 / dp, 12 / dp
     master = 4 if (precision != "fp32" or zero_stage >= 1) else 0
@@ -99,7 +99,7 @@ def reduce_bucket_bytes(precision: str, zero_stage: int, reduce_bucket_size: flo
     ZeRO-1 runs under DeepSpeed's pipeline engine here, whose gradient reduction appends a second
     bucket to the one allocated for backward: two are alive at the peak. ZeRO-2/3 hold one.
     """
-    if zero_stage == 0 or (precision == "bf16" and zero_stage == 1):
+    if zero_stage == 0 or (precision == "bf16" and zero_stage <= 1):
         return 0.0
     return (2 if zero_stage == 1 else 1) * reduce_bucket_size * element_bytes(precision)
 

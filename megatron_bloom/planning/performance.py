@@ -10,7 +10,7 @@ bytes over n ranks sends 2 (n-1)/n X, a reduce-scatter or all-gather (n-1)/n X.
     pipeline          per micro-batch: the activation forward and its gradient backward (each TP
                       rank sends its whole copy, as DeepSpeed's pipeline engine does); per step the
                       tied-embedding gradient all-reduce between the first and last stage
-    data parallel     per step, by optimizer path: BF16_Optimizer (bf16 + ZeRO-1, BLOOM)
+    data parallel     per step, by optimizer path: BF16_Optimizer (bf16 + ZeRO-0/1, BLOOM)
                       all-reduces fp32 gradients and all-gathers bf16 weights; ZeRO-0 all-reduces
                       gradients; ZeRO-1/2 reduce-scatter gradients and all-gather weights; ZeRO-3
                       also all-gathers weights for every forward and backward of every micro-batch
@@ -94,10 +94,10 @@ def estimate_performance(cfg: ModelConfig, stages: List[Stage], acc: Accelerator
 
     # Data parallel, on the stage with the most parameters.
     n = max(st.parameters for st in stages)
-    if zero_stage == 0:
-        dp_bytes = _ring("all_reduce", dp, n * e)
-    elif precision == "bf16" and zero_stage == 1:
+    if precision == "bf16" and zero_stage <= 1:
         dp_bytes = _ring("all_reduce", dp, n * 4) + _ring("all_gather", dp, n * e)
+    elif zero_stage == 0:
+        dp_bytes = _ring("all_reduce", dp, n * e)
     elif zero_stage in (1, 2):
         dp_bytes = _ring("reduce_scatter", dp, n * e) + _ring("all_gather", dp, n * e)
     else:

@@ -35,6 +35,7 @@ from megatron_bloom.training.data import (
 )
 from megatron_bloom.monitoring import TrainingMonitor
 from megatron_bloom.monitoring.metrics import device_memory_mb, max_rss_mb, rss_mb
+from megatron_bloom.training.deepspeed_config import deepspeed_zero_stage
 from megatron_bloom.training.flops import model_flops_per_iteration
 from megatron_bloom.training.losses import PretrainingLoss
 from megatron_bloom.training.schedules import LearningRateSchedule, build_batch_schedule, total_train_iters
@@ -48,9 +49,10 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is depreca
 
 
 def layout_of(cfg: RunConfig) -> Dict[str, int]:
+    """What a checkpoint's files depend on; "zero" is DeepSpeed's stage (bf16 at 0 runs at 1)."""
     p = cfg.parallel
     return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-            "dp": p.data_parallel_size, "zero": p.zero_stage}
+            "dp": p.data_parallel_size, "zero": deepspeed_zero_stage(cfg)}
 
 
 def log0(message: str) -> None:
@@ -109,7 +111,7 @@ class Trainer:
             load_dir = self.resume.directory
             if not self.same_layout and not module_only:  # weights alone load at any layout
                 universal = True
-                if saved.get("zero") == 0 or p.zero_stage == 0:
+                if saved.get("zero") == 0 or layout_of(cfg)["zero"] == 0:
                     raise UserError(
                         f"checkpoint {self.resume.path} was saved at {saved}; changing layout goes through a "
                         f"universal checkpoint, which needs ZeRO-1 on both sides (--zero-stage 1)"

@@ -143,7 +143,7 @@ TINY_MODEL = {"--num-layers": ["2"], "--hidden-size": ["64"], "--num-attention-h
 
 @pytest.fixture(scope="module")
 def bloom_run(corpus, tmp_path_factory):
-    """BLOOM-176B's flag list at TP=2 x PP=2 (4 processes), 7 steps of a 2 -> 4 ramp-up."""
+    """BLOOM-176B's flag list at TP=2 x PP=2 (4 processes), 8 steps of a 2 -> 4 ramp-up."""
     d, run = corpus, tmp_path_factory.mktemp("tr11")
     micro, global_ = 1, 4
     deepspeed_json("tr11-176B-ml", str(run / "ds_config.json"), micro, global_)
@@ -159,21 +159,22 @@ def bloom_run(corpus, tmp_path_factory):
 
 def test_bloom_176b_flag_list_runs_at_tp2_pp2_with_bf16_zero0_rampup_and_one_line_validation(bloom_run):
     run, out = bloom_run
-    # The ramp-up 2 -> 4 by 1 over 6 samples, then 4 per step: 24 samples in 7 steps.
+    # Megatron's ramp-up 2 -> 4 by 1 over 6 samples (one increment per 3 samples), then 4 per step,
+    # until 24 samples are consumed: 27 in 8 steps.
     sizes = [int(m) for m in re.findall(r"global batch size:\s+(\d+)", out)]
-    assert sizes == [2, 3, 4, 4, 4, 4, 4][:len(sizes)] and len(sizes) == 7, sizes
+    assert sizes == [2, 2, 3, 4, 4, 4, 4, 4], sizes
     # The valid file's four groups: the blend and one per language, each evaluated.
     for group in ("valid", "valid_en", "valid_fr", "valid_es"):
         assert re.search(rf"\| {group} lm loss value:", out), group
     steps = [line for line in out.splitlines() if " iteration " in line and "global batch size" in line]
     assert steps and not any("loss scale" in line for line in steps)  # bf16: no loss scaling
     ckpt = run / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "global_step7"
+    assert (ckpt / "latest").read_text().strip() == "global_step8"
     # --pad-vocab-size-to: the embedding has exactly the padded rows (split over TP=2).
-    emb = torch.load(ckpt / "global_step7" / "layer_01-model_00-model_states.pt", weights_only=True)
+    emb = torch.load(ckpt / "global_step8" / "layer_01-model_00-model_states.pt", weights_only=True)
     assert emb["word_embeddings.weight"].shape[0] == 384 // 2
     # bf16 at ZeRO stage 0: DeepSpeed's bf16 optimizer wrote its fp32 state per DP rank.
-    assert any(n.startswith("bf16_zero_pp_rank_") for n in os.listdir(ckpt / "global_step7"))
+    assert any(n.startswith("bf16_zero_pp_rank_") for n in os.listdir(ckpt / "global_step8"))
     assert (run / "tb").is_dir() and os.listdir(run / "tb")
 
 
@@ -195,10 +196,10 @@ def test_bloomz_7b1_flag_list_finetunes_at_dp2_with_its_fp16_json(corpus, bloom_
     out = torchrun("finetune.py", 2, argv)
     # --no-load-optim: BLOOM's weights, a fresh optimizer; its iteration and samples are kept (no --reset-progress).
     assert "not its optimizer state" in out
-    assert "training from iteration 7 (24 samples consumed)" in out
+    assert "training from iteration 8 (27 samples consumed)" in out
     # fp16 with the JSON's dynamic loss scale: 2^12 to start.
     scales = [float(m) for m in re.findall(r"loss scale:\s+([0-9.e+]+)", out)]
     assert scales and scales[0] <= 4096.0, scales
-    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step9"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step10"
     for group in ("valid_en", "valid_fr", "valid_es"):
         assert re.search(rf"\| {group} lm loss value:", out), group

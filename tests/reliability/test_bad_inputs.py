@@ -168,7 +168,6 @@ PRETRAIN_CASES = {
     "token-id-over-vocab": (lambda p: ["--vocab-size", "200"], "holds token id"),  # the later flag wins
     "impossible-layout": (lambda p: ["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by tensor_model_parallel_size"),
     "heads-vs-hidden": (lambda p: ["--num-attention-heads", "3"], "hidden_size=64 is not divisible by num_attention_heads=3"),
-    "bf16-without-zero": (lambda p: ["--bf16", "--zero-stage", "0"], "bf16 needs zero_stage >= 1"),
     "missing-tokenizer": (lambda p: ["--tokenizer-name-or-path", p["d"] / "no_tokenizer"], "tokenizer not found"),
     "tokenizer-over-vocab": (lambda p: ["--tokenizer-name-or-path", p["tok"], "--vocab-size", "300"], "tokens but vocab_size is 300"),
     "checkpoint-other-shape": (lambda p: ["--load", p["d"] / "ckpt_tp2", "--hidden-size", "32"], "has hidden_size=64 but the configuration says 32"),

@@ -122,7 +122,6 @@ def cfg_of(*argv):
         (["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
          "global_batch_size=6 is not divisible by micro_batch_size x data_parallel_size = 2 x 2 = 4; use 4 or 8"),
         (["--bf16", "--fp16"], 1, "bf16 and fp16 are both set"),
-        (["--bf16", "--zero-stage", "0"], 1, "bf16 needs zero_stage >= 1"),
         (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], 2, "zero_stage=2 cannot be combined"),
         (["--hidden-size", "66", "--num-attention-heads", "4"], 1, "hidden_size=66 is not divisible by num_attention_heads=4"),
         (["--lr-decay-style", "cosin"], 1, "lr_decay_style='cosin' is not one of"),
