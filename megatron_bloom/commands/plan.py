@@ -151,23 +151,21 @@ def trainer_config(argv: Sequence[str], finetune: bool = False, published: Optio
     return cfg, given
 
 
-def check_as_the_trainer(cfg, world_size: int):
+def check_as_the_trainer(cfg, world_size: int, finetune: bool = False):
     """The trainer's checks of ``cfg`` for ``world_size`` ranks, on a copy that is returned filled in.
 
-    As ``cli.resolve_config``: ``validate_config``, and with a schedule (--train-iters or
-    --train-samples) its training checks and the LR schedule's. The output folders (--save,
+    ``cli.check_config`` (with its training checks when the command gives a schedule, --train-iters
+    or --train-samples) and launch/pretrain.py's own refusals. The output folders (--save,
     --tensorboard-dir) are the cluster's and are not checked here.
     """
-    from megatron_bloom.config import validate_config
-    from megatron_bloom.training.schedules import LearningRateSchedule
+    from megatron_bloom.cli import check_config, check_pretrain_config
 
     checked = copy.deepcopy(cfg)
     checked.checkpoint.save = checked.logging.tensorboard_dir = None
     t = checked.training
-    for_training = t.train_iters is not None or t.train_samples is not None
-    validate_config(checked, world_size, for_training=for_training)
-    if for_training:
-        LearningRateSchedule.from_config(t)
+    check_config(checked, world_size, for_training=t.train_iters is not None or t.train_samples is not None)
+    if not finetune:
+        check_pretrain_config(checked)
     return checked
 
 
@@ -235,7 +233,7 @@ def plan(argv: Optional[Sequence[str]] = None) -> int:
     cluster = _cluster(args, dict(nodes=pub.nodes, gpus_per_node=pub.gpus_per_node, gpu=pub.gpu) if pub else {})
     gbs_given = cfg.training.global_batch_size is not None
     try:
-        cfg = check_as_the_trainer(cfg, cluster.world_size)
+        cfg = check_as_the_trainer(cfg, cluster.world_size, finetune=args.finetune)
     except UserError:
         if not args.search:
             raise

@@ -162,6 +162,7 @@ TP, PP = "--tensor-model-parallel-size", "--pipeline-model-parallel-size"
     ([TP, "4", PP, "12", "--global-batch-size", "2048", "--rampup-batch-size", "192", "16", "100", "--train-iters",
       "10"], "rampup_batch_size needs train_samples"),
     ([TP, "4", PP, "12", "--lr-decay-style", "step"], "lr_decay_style='step' is not one of"),
+    ([TP, "4", PP, "12", "--reset-attention-mask"], "--reset-attention-mask (no attention across EOD) is not built"),
     ([TP, "4", "--tensr-model-parallel-size", "4"], "did you mean '--tensor-model-parallel-size'"),
     # plan.py's names before it took the trainer's flags point to the trainer's.
     (["--tp", "4"], "instead of --tp give --tensor-model-parallel-size"),
