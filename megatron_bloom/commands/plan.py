@@ -13,8 +13,9 @@ take them (``--config FILE`` and ``--model-name`` included), plus where the run 
 The world size is nodes x gpus-per-node, and the command is checked by the trainer's own
 ``validate_config`` for that world size (with ``for_training`` when it gives a schedule), so the plan
 and the trainer cannot disagree. Paths in trainer flags (--save, --data-path, --pretrained, ...)
-belong to the cluster and need not exist here; only what the plan reads must (--config, and
---pretrained under --finetune when no flag names the architecture). The exit code is 0 when the
+belong to the cluster and need not exist here; only what the plan reads must (--config,
+--deepspeed_config, and --pretrained under --finetune when no flag names the architecture; a
+tokenizer folder is read for the vocabulary when it exists here). The exit code is 0 when the
 command fits, 2 with one ``error:`` line when it is invalid or does not fit, so sbatch scripts call
 this first (slurm/launcher.sh hands it the trainer's own arguments). ``--json`` ends the output with
 one JSON object. ``--measure`` (under torchrun or alone, on CPU) also builds the engine for the
