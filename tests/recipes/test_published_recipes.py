@@ -94,17 +94,10 @@ def refused(argv, world_size, words):
     return False
 
 
-def bf16_zero0_refused():
-    return refused(["--model-name", "tiny", "--bf16", "--zero-stage", "0"], 1, "zero_stage")
-
-
 def stage_without_block_refused():  # tiny: 2 blocks + 2 embedding layers = 4 stages of one layer
     return refused(["--model-name", "tiny", "--pipeline-model-parallel-size", "4"], 4, "larger than num_layers")
 
 
-BF16_ZERO0 = ("bf16 at ZeRO stage 0 is refused by validate_config; DeepSpeed's bf16 optimizer at stage 0 "
-              "partitions its fp32 masters and Adam states over DP as ZeRO-1 does, so the update is the same",
-              bf16_zero0_refused)
 PP72 = ("72 stages for 70 blocks (plus the two embedding layers) are refused: every stage needs a transformer "
         "block; PP=36 (DP=8) runs the same global batch of 2048 rows in micro-batches of 1, so the same loss "
         "and update", stage_without_block_refused)
@@ -115,10 +108,6 @@ EXIT_20H = ("tr11b passed 5990, its 100-hour value, under a 20-hour job limit, s
 # the same reason. ``still_needed`` (when given) says whether the trainer still refuses the published
 # value: once it accepts it, the deviation is no longer allowed and the recipe must take the value.
 DEVIATIONS = {
-    ("configs/bloom-176b.yaml", "parallel.zero_stage"): (0, 1, BF16_ZERO0),
-    ("slurm/bloom-176b.slurm", "parallel.zero_stage"): (0, 1, BF16_ZERO0),
-    ("configs/bloomz-176b.yaml", "parallel.zero_stage"): (0, 1, BF16_ZERO0),
-    ("slurm/bloomz-176b.slurm", "parallel.zero_stage"): (0, 1, BF16_ZERO0),
     ("configs/bloomz-176b.yaml", "parallel.pipeline_model_parallel_size"): (72, 36, PP72),
     ("slurm/bloomz-176b.slurm", "parallel.pipeline_model_parallel_size"): (72, 36, PP72),
     ("slurm/bloom-1b7.slurm", "training.exit_duration_in_mins"): (5990.0, 1190.0, EXIT_20H),
