@@ -3,7 +3,7 @@
 
     python launch/plan.py --nodes 48 --gpus-per-node 8 --gpu a100-80g --model-name bloom-176b \
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 12 --micro-batch-size 2 \
-        --global-batch-size 2048 --bf16 --zero-stage 1 --checkpoint-activations
+        --global-batch-size 2048 --bf16 --zero-stage 0 --checkpoint-activations
     python launch/plan.py --nodes 8 --gpus-per-node 8 --model-name bloom-7b1 --global-batch-size 512 --fp16 --search
     python launch/plan.py --published bloom-176b            # BigScience's own layout
 

@@ -42,7 +42,7 @@ def test_bloom_176b_asks_for_48_nodes_of_8_gpus_at_tp4_pp12():
     text = open(path).read()
     for var, value in (("GPUS_PER_NODE", "8"), ("TP", "4"), ("PP", "12"), ("MICRO_BATCH_SIZE", "2"),
                        ("GLOBAL_BATCH_SIZE", "2048"), ("RAMPUP_BATCH_SIZE", "192 16 9765625"), ("SEQ_LEN", "2048"),
-                       ("PRECISION", "bf16"), ("ZERO_STAGE", "1"), ("SAVE_INTERVAL", "100")):
+                       ("PRECISION", "bf16"), ("ZERO_STAGE", "0"), ("SAVE_INTERVAL", "100")):
         assert f': "${{{var}:={value}}}"' in text, var
 
 
@@ -102,7 +102,7 @@ def test_bloom_176b_command(tmp_path):
     assert flag(torchrun, "--max-restarts") == "0"
     trainer = trainer_command(torchrun, "pretrain.py")
     expected = {"--model-name": "bloom-176b", "--tensor-model-parallel-size": "4", "--pipeline-model-parallel-size": "12",
-                "--micro-batch-size": "2", "--global-batch-size": "2048", "--seq-length": "2048", "--zero-stage": "1",
+                "--micro-batch-size": "2", "--global-batch-size": "2048", "--seq-length": "2048", "--zero-stage": "0",
                 "--pp-partition-method": "type:transformer|embedding", "--save-interval": "100",
                 "--exit-duration-in-mins": str(20 * 60 - 10), "--distributed-backend": "nccl",
                 "--train-samples": "220000000", "--init-method-std": "0.0048"}

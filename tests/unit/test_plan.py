@@ -37,7 +37,7 @@ def run_plan(capsys, *argv):
 
 BLOOM_176B = ["--model-name", "bloom-176b", "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "12",
               "--micro-batch-size", "2", "--global-batch-size", "2048", "--rampup-batch-size", "192", "16", "9765625",
-              "--seq-length", "2048", "--bf16", "--zero-stage", "1", "--checkpoint-activations"]
+              "--seq-length", "2048", "--bf16", "--zero-stage", "0", "--checkpoint-activations"]
 """BLOOM-176B's layout, in the trainer's flags (slurm/bloom-176b.slurm)."""
 
 
