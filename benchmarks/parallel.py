@@ -255,7 +255,7 @@ def layout_worker(args, tp: int, pp: int, global_batch_size: int) -> dict:
 
     from megatron_bloom.config import validate_config
     from megatron_bloom.distributed import init_distributed
-    from megatron_bloom.models.bloom.pipeline import EmbeddingPipe, TransformerBlockPipe
+    from megatron_bloom.models.bloom.pipeline import EmbeddingPipe, ParallelTransformerLayerPipe
     from megatron_bloom.training.engine import BloomEngine
 
     cfg = model_config(args, tp, pp, global_batch_size)
@@ -294,7 +294,7 @@ def layout_worker(args, tp: int, pp: int, global_batch_size: int) -> dict:
         if timer:
             bubbles.append(timer.record())
     module = engine.engine.module
-    blocks = sum(isinstance(x, TransformerBlockPipe) for x in module.modules())
+    blocks = sum(isinstance(x, ParallelTransformerLayerPipe) for x in module.modules())
     has_embedding = any(isinstance(x, EmbeddingPipe) for x in module.modules())
     parameters = sum(p.numel() for p in module.parameters())
     first, last = state.is_first_stage, state.is_last_stage

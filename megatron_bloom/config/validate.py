@@ -100,11 +100,23 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
             f"ffn_hidden_size={m.ffn_size} is not divisible by tensor_model_parallel_size={tp}; "
             f"use a multiple of {tp}"
         )
-    if pp > m.num_layers:
-        raise UserError(
-            f"pipeline_model_parallel_size={pp} is larger than num_layers={m.num_layers}: every stage needs a "
-            f"transformer block; use at most {m.num_layers} stages"
-        )
+    if pp > 1:
+        # Each stage DeepSpeed cuts from the layer list needs a layer with weights (models/bloom/
+        # partition.py). type:transformer|embedding fills num_layers + 2 (BLOOMZ-176B: 70 on 72).
+        # An unknown method or a bad regex is reported by the method's own check below.
+        from megatron_bloom.models.spec import get_model_spec
+
+        cut, method, half = get_model_spec().partition, p.pp_partition_method, t.bf16 or t.fp16
+        try:
+            empty = cut.stages_without_weights(m, pp, method, tp, half)
+        except (ValueError, re.error):
+            empty = []
+        if empty:
+            most = cut.max_stages(m, method, tp, half)
+            raise UserError(
+                f"pipeline_model_parallel_size={pp} leaves stage {empty[0]} without weights: pp_partition_method "
+                f"'{method}' fills at most {most} stages with num_layers={m.num_layers}; use at most {most} stages"
+            )
     if m.make_vocab_size_divisible_by < 1:
         raise UserError(f"make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
     _check_megatron_deepspeed_choices(cfg)

@@ -33,11 +33,13 @@ class ModelSpec:
     build_model: Callable[..., Any]
     """``(cfg, padded_vocab_size=None)`` -> the single-device model (logits from ``forward``)."""
     layer_specs: Callable[..., List[Any]]
-    """``(cfg, padded_vocab_size, tp_group=None, tracker=None)`` -> DeepSpeed layer specs, in pipeline order."""
+    """``(cfg, padded_vocab_size, tp_group=None, tracker=None, half_precision=False)`` -> DeepSpeed layer specs, in pipeline order."""
     build_block: Callable[..., Any]
     """``(cfg, layer_number)`` -> one pipeline transformer block (TP = 1)."""
     parallelize: Callable[..., Any]
     """``(model, tp_group, tracker=None)`` -> the model sharded in place for the calling TP rank."""
+    partition: Any
+    """The cut of the layer specs into pipeline stages (``layer_names``, ``partition``, ``max_stages``, ...)."""
     sharding: Any
     """The family's sharding table (``kinds``, ``split_dim``, ``tp_duplicated``, ...)."""
     hf: Any

@@ -128,7 +128,7 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
         result.problems.append(f"{acc.name} has no bf16 support; use --precision fp16 (BLOOM's smaller models "
                                f"were trained in fp16 on V100)")
     micro_batches = layout.global_batch_size // (layout.micro_batch_size * dp)
-    plan_stages = stages(model, tp, pp, layout.pp_partition_method)
+    plan_stages = stages(model, tp, pp, layout.pp_partition_method, half_precision=layout.precision != "fp32")
     try:
         result.stages = [
             stage_memory(st, model, seq_length=model.seq_length, micro_batch_size=layout.micro_batch_size,

@@ -158,12 +158,12 @@ def test_head_ranges_get_their_own_bias_from_one_mask():
 
 def _stage_blocks(recompute: bool):
     """The blocks of one pipeline stage, built from the layer specs as DeepSpeed builds them."""
-    from megatron_bloom.models.bloom.pipeline import TransformerBlockPipe, bloom_layer_specs
+    from megatron_bloom.models.bloom.pipeline import ParallelTransformerLayerPipe, bloom_layer_specs
 
     torch.manual_seed(0)
     cfg = tiny_config(num_layers=LAYERS, attention_impl="sdpa", checkpoint_activations=recompute)
     specs = bloom_layer_specs(cfg, cfg.padded_vocab_size(1))
-    return [spec.build() for spec in specs if getattr(spec, "typename", None) is TransformerBlockPipe]
+    return [spec.build() for spec in specs if getattr(spec, "typename", None) is ParallelTransformerLayerPipe]
 
 
 def _run_stage(blocks, activation):

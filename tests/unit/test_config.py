@@ -117,8 +117,11 @@ def cfg_of(*argv):
          "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3; use 1, 2 or 4"),
         (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
          "world size 6 is not divisible by tensor_model_parallel_size x pipeline_model_parallel_size = 2 x 2 = 4"),
-        (["--num-layers", "2", "--pipeline-model-parallel-size", "4"], 4,
-         "pipeline_model_parallel_size=4 is larger than num_layers=2"),
+        (["--num-layers", "2", "--pipeline-model-parallel-size", "5", "--bf16", "--zero-stage", "1"], 5,
+         "pipeline_model_parallel_size=5 leaves stage 4 without weights: pp_partition_method "
+         "'type:transformer|embedding' fills at most 4 stages with num_layers=2; use at most 4 stages"),
+        (["--num-layers", "2", "--pipeline-model-parallel-size", "5", "--pp-partition-method", "type:transformer"], 5,
+         "'type:transformer' fills at most 4 stages with num_layers=2"),
         (["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
          "global_batch_size=6 is not divisible by micro_batch_size x data_parallel_size = 2 x 2 = 4; use 4 or 8"),
         (["--bf16", "--fp16"], 1, "bf16 and fp16 are both set"),

@@ -11,7 +11,6 @@ import pytest
 from megatron_bloom.distributed import free_port
 from megatron_bloom.models.bloom.sizes import count_parameters, named_model_config
 from megatron_bloom.planning import Cluster, Layout, accelerator, estimate, search, stages, total_parameters
-from megatron_bloom.planning.stages import layer_names, partition
 from test_bloom_sizes import RELEASED as PUBLISHED_COUNTS  # the released checkpoints' parameter counts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -175,29 +174,31 @@ def test_invalid_or_oversized_layouts_fail_with_one_line(argv, message, capsys):
     assert message in err and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_layer_names_are_the_pipeline_specs():
-    from megatron_bloom.models.bloom.pipeline import bloom_layer_specs
-
-    cfg = named_model_config("tiny")
-    specs = bloom_layer_specs(cfg, cfg.padded_vocab_size(1))
-    assert [getattr(s, "typename", s).__name__ for s in specs] == layer_names(cfg.num_layers)
-
-
-def test_stage_cut_matches_deepspeed():
-    """type:transformer|embedding: the same boundaries DeepSpeed's PipelineModule computes."""
-    import re
-
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
-    regex = re.compile("transformer|embedding", re.IGNORECASE)
-    for layers in range(1, 41):
-        names = layer_names(layers)
-        weights = [1 if regex.search(n) else 0 for n in names]
-        for pp in range(1, min(layers, 12) + 1):
-            ours = list(partition(layers, pp, "type:transformer|embedding"))
-            assert ours == [int(x) for x in partition_balanced(weights, pp)], (layers, pp)
-            assert list(partition(layers, pp, "uniform")) == [int(x) for x in partition_uniform(len(names), pp)]
+def test_stage_cut_at_bloom_176b():
+    """The stages' blocks; tests/parallel/test_pipeline_partition.py checks the cut against DeepSpeed."""
     assert [s.blocks for s in stages(named_model_config("bloom-176b"), 4, 12)] == [5] + [6] * 10 + [5]
+
+
+def test_bloomz_176b_plans_embedding_only_stages(capsys):
+    """BLOOMZ-176B's layout: 70 blocks on 72 stages, the first and last holding only an embedding."""
+    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "36", "--gpus-per-node", "8", "--tp", "1",
+                              "--pp", "72", "--micro-batch-size", "1", "--global-batch-size", "2048", "--bf16",
+                              "--zero-stage", "1", "--checkpoint-activations")
+    assert code == 0, err
+    plan = stages(named_model_config("bloom-176b"), 1, 72, half_precision=True)
+    assert [s.blocks for s in plan] == [0] + [1] * 70 + [0]
+    assert plan[0].has_embedding and plan[-1].has_embedding and not plan[1].has_embedding
+    assert plan[0].parameters == 250_880 * 14336 + 2 * 14336  # the embedding and its LayerNorm
+    assert plan[-1].parameters == 250_880 * 14336  # the tied LM head
+    assert plan[70].parameters == plan[1].parameters + 2 * 14336  # a block and the final LayerNorm
+
+
+def test_more_stages_than_the_method_fills_is_one_error_line(capsys):
+    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "73", "--gpus-per-node", "8", "--tp", "1",
+                              "--pp", "73", "--micro-batch-size", "1", "--global-batch-size", "2336", "--bf16",
+                              "--zero-stage", "1")
+    assert code == 2 and err.startswith("error:") and "Traceback" not in err
+    assert "'type:transformer|embedding' fills at most 72 stages with num_layers=70" in err
 
 
 def test_loss_and_alibi_terms_at_bloom_sizes():

@@ -4,19 +4,26 @@ The list is Megatron-DeepSpeed's ``GPTModelPipe`` for BLOOM, index for index, so
 (one ``layer_XX-model_YY-model_states.pt`` per layer with weights and TP rank) have its file names
 and keys and its tools read ours (``sharding.py`` holds the numbering)::
 
-    idx 0        cast_inputs            no weights: Megatron-DeepSpeed casts float inputs to fp16/bf16
-    idx 1        EmbeddingPipe          tied "embed": word_embeddings (vocab-parallel under TP) and
-                                        its LayerNorm word_embeddings.norm, then embedding dropout
-    idx 2        to_sequence_first      no weights: Megatron-DeepSpeed transposes to [s, b, h] here
-    idx 3..L+2   TransformerBlockPipe   h.0 .. h.{L-1}
-    idx L+3      to_batch_first         no weights: the transpose back
-    idx L+4      FinalLayerNormPipe     a bare LayerNorm (keys ``weight`` / ``bias``)
-    idx L+5      EmbeddingPipe again    (tied: the LM head on the same matrix, last stage)
+    idx 0        _to_float16                   no weights: Megatron-DeepSpeed casts float inputs to fp16/bf16
+    idx 1        EmbeddingPipe                 tied "embed": word_embeddings (vocab-parallel under TP) and
+                                               its LayerNorm word_embeddings.norm, then embedding dropout
+    idx 2        <lambda>                      no weights: Megatron-DeepSpeed transposes to [s, b, h] here
+    idx 3..L+2   ParallelTransformerLayerPipe  h.0 .. h.{L-1}
+    idx L+3      undo                          no weights: the transpose back
+    idx L+4      MixedFusedLayerNorm           the final LayerNorm (keys ``weight`` / ``bias``)
+    idx L+5      EmbeddingPipe again           tied: the LM head on the same matrix
+    idx L+6      float16_to_fp32               no weights; only in fp16/bf16 runs (``half_precision``)
 
-Our blocks work batch-first on integer ids, so the three weightless steps pass their input through;
-they are kept for the numbering (and DeepSpeed's ``uniform`` partitioning counts them, as it did
-for BLOOM). The partition method ``type:transformer|embedding`` counts the two EmbeddingPipe specs
-as layers, as BLOOM did, so the first and last stages carry fewer blocks.
+The names are Megatron-DeepSpeed's too: DeepSpeed's ``type:REGEX`` partitioning matches the regex
+against each spec's class or function name, so with the same names every regex cuts the same
+stages (``planning/stages.py`` computes the cut; tests/parallel/test_pipeline_partition.py checks
+it against a transcription of GPTModelPipe). ``type:transformer|embedding`` counts the two
+EmbeddingPipe specs as layers, as BLOOM did: L blocks make up to L + 2 stages, the first and last
+of which may hold only an embedding (BLOOMZ-176B: 70 blocks on 72 stages).
+
+Our blocks work batch-first on integer ids and our loss takes logits of any float type, so the
+four weightless steps pass their input through; they are kept for the numbering and for DeepSpeed's
+``uniform`` partitioning, which counts them.
 
 Every spec is built right after seeding the RNGs with ``seed + idx`` (DeepSpeed's ``seed_layers``),
 so a layer's initial weights depend only on its index: every (TP, PP, DP) layout starts from the
@@ -96,22 +103,27 @@ def lm_head_forward(embedding: EmbeddingPipe, inputs: Activation) -> torch.Tenso
     return embedding.lm_head(hidden)
 
 
-def cast_inputs(inputs: Activation) -> Activation:
+def _to_float16(inputs: Activation) -> Activation:
     """Layer 0. Megatron-DeepSpeed casts float inputs to the training dtype here; ours are token ids."""
     return inputs
 
 
-def to_sequence_first(inputs: Activation) -> Activation:
-    """Layer 2. Megatron-DeepSpeed's blocks take [s, b, h]; ours take [b, s, h], so nothing moves."""
+# Layer 2. Megatron-DeepSpeed's blocks take [s, b, h] and a lambda transposes to it; ours take
+# [b, s, h], so nothing moves. A lambda too, so that a type: regex sees the same name, "<lambda>".
+to_sequence_first = lambda inputs: inputs  # noqa: E731
+
+
+def undo(inputs: Activation) -> Activation:
+    """Layer L+3, Megatron-DeepSpeed's transpose back to [b, s, h] (ours never left it)."""
     return inputs
 
 
-def to_batch_first(inputs: Activation) -> Activation:
-    """Layer L+3, the inverse of ``to_sequence_first``."""
-    return inputs
+def float16_to_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Layer L+6 in fp16/bf16 runs. Megatron-DeepSpeed upcasts the logits here; our loss upcasts them."""
+    return logits
 
 
-class TransformerBlockPipe(BloomBlock):
+class ParallelTransformerLayerPipe(BloomBlock):
     """One BLOOM block taking and returning a pipeline activation.
 
     ``masks`` is the stage's shared ``AlibiMaskCache``; a block built alone gets its own.
@@ -140,8 +152,12 @@ class TransformerBlockPipe(BloomBlock):
         return _join(out, segment_ids)
 
 
-class FinalLayerNormPipe(nn.LayerNorm):
-    """The final LayerNorm as the pipeline layer itself, so its keys are ``weight`` and ``bias``."""
+class MixedFusedLayerNorm(nn.LayerNorm):
+    """The final LayerNorm as the pipeline layer itself, so its keys are ``weight`` and ``bias``.
+
+    A plain LayerNorm under the class name of Megatron-DeepSpeed's final LayerNorm (see the module
+    docstring: ``type:`` regexes match class names).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
@@ -153,7 +169,8 @@ class FinalLayerNormPipe(nn.LayerNorm):
 
 
 def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group = None,
-                      tracker: Optional[RNGStatesTracker] = None) -> List[Any]:
+                      tracker: Optional[RNGStatesTracker] = None, half_precision: bool = False) -> List[Any]:
+    """The layer list of the module docstring; ``half_precision`` (fp16 or bf16) appends ``float16_to_fp32``."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     embed = lambda **kw: TiedLayerSpec(  # noqa: E731
@@ -163,12 +180,13 @@ def bloom_layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group: Group 
     # (with the LayerNorm) on the first stage, the LM head's (without) on a later last stage.
     # The blocks a process builds (its stage's) share one mask cache.
     masks = AlibiMaskCache()
-    return [
-        cast_inputs,
+    specs = [
+        _to_float16,
         embed(with_norm=True),
         to_sequence_first,
-        *[LayerSpec(TransformerBlockPipe, cfg, i, tp_group, tracker, masks) for i in range(cfg.num_layers)],
-        to_batch_first,
-        LayerSpec(FinalLayerNormPipe, cfg),
+        *[LayerSpec(ParallelTransformerLayerPipe, cfg, i, tp_group, tracker, masks) for i in range(cfg.num_layers)],
+        undo,
+        LayerSpec(MixedFusedLayerNorm, cfg),
         embed(with_norm=False, forward_fn=lm_head_forward),
     ]
+    return specs + [float16_to_fp32] if half_precision else specs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from megatron_bloom.models.bloom import hf_adapter, sharding
+from megatron_bloom.models.bloom import hf_adapter, partition, sharding
 from megatron_bloom.models.bloom.config import ModelConfig
 from megatron_bloom.models.bloom.sizes import NAMED_MODELS
 from megatron_bloom.models.spec import ModelSpec
@@ -20,16 +20,17 @@ def build_model(cfg: ModelConfig, padded_vocab_size: Optional[int] = None):
     return BloomForCausalLM(cfg, padded_vocab_size)
 
 
-def layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group=None, tracker=None) -> List[Any]:
+def layer_specs(cfg: ModelConfig, padded_vocab_size: int, tp_group=None, tracker=None,
+                half_precision: bool = False) -> List[Any]:
     from megatron_bloom.models.bloom.pipeline import bloom_layer_specs
 
-    return bloom_layer_specs(cfg, padded_vocab_size, tp_group, tracker)
+    return bloom_layer_specs(cfg, padded_vocab_size, tp_group, tracker, half_precision)
 
 
 def build_block(cfg: ModelConfig, layer_number: int):
-    from megatron_bloom.models.bloom.pipeline import TransformerBlockPipe
+    from megatron_bloom.models.bloom.pipeline import ParallelTransformerLayerPipe
 
-    return TransformerBlockPipe(cfg, layer_number)
+    return ParallelTransformerLayerPipe(cfg, layer_number)
 
 
 def parallelize(model, tp_group, tracker=None):
@@ -46,6 +47,7 @@ BLOOM_SPEC = ModelSpec(
     layer_specs=layer_specs,
     build_block=build_block,
     parallelize=parallelize,
+    partition=partition,
     sharding=sharding,
     hf=hf_adapter,
 )
