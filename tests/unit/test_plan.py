@@ -181,9 +181,9 @@ def test_stage_cut_at_bloom_176b():
 
 def test_bloomz_176b_plans_embedding_only_stages(capsys):
     """BLOOMZ-176B's layout: 70 blocks on 72 stages, the first and last holding only an embedding."""
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "36", "--gpus-per-node", "8", "--tp", "1",
-                              "--pp", "72", "--micro-batch-size", "1", "--global-batch-size", "2048", "--bf16",
-                              "--zero-stage", "1", "--checkpoint-activations")
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--nodes", "36", "--gpus-per-node", "8", TP, "1",
+                              PP, "72", "--micro-batch-size", "1", "--global-batch-size", "2048", "--bf16",
+                              "--zero-stage", "0", "--checkpoint-activations")
     assert code == 0, err
     plan = stages(named_model_config("bloom-176b"), 1, 72, half_precision=True)
     assert [s.blocks for s in plan] == [0] + [1] * 70 + [0]
@@ -194,9 +194,9 @@ def test_bloomz_176b_plans_embedding_only_stages(capsys):
 
 
 def test_more_stages_than_the_method_fills_is_one_error_line(capsys):
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "73", "--gpus-per-node", "8", "--tp", "1",
-                              "--pp", "73", "--micro-batch-size", "1", "--global-batch-size", "2336", "--bf16",
-                              "--zero-stage", "1")
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--nodes", "73", "--gpus-per-node", "8", TP, "1",
+                              PP, "73", "--micro-batch-size", "1", "--global-batch-size", "2336", "--bf16",
+                              "--zero-stage", "0")
     assert code == 2 and err.startswith("error:") and "Traceback" not in err
     assert "'type:transformer|embedding' fills at most 72 stages with num_layers=70" in err
 
