@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan launch/finetune.py's command: packed samples, BLOOMZ's defaults, and the "
                            "architecture of --pretrained when no flag names it")
     what.add_argument("--published", help="start from BigScience's published layout for this run "
-                                          "(bloom-560m ... bloom-176b, bloomz-7b1); trainer flags override it")
+                                          "(bloom-560m ... bloom-176b, bloomz-7b1, bloomz-176b: slurm/NAME.slurm's); "
+                                          "trainer flags override it")
     what.add_argument("--search", action="store_true",
                       help="rank every feasible layout (the layout flags given fix their values)")
     what.add_argument("--top", type=int, default=15, help="layouts shown by --search")
@@ -229,8 +230,9 @@ def plan(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_bloom.planning.report import layout_key, model_label, search_table, text, to_dict
 
     args, trainer_argv = build_parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    cfg, given = trainer_config(trainer_argv, finetune=args.finetune, published=args.published)
     pub = _published(args.published) if args.published else None
+    args.finetune = args.finetune or bool(pub and pub.finetune)
+    cfg, given = trainer_config(trainer_argv, finetune=args.finetune, published=args.published)
     cluster = _cluster(args, dict(nodes=pub.nodes, gpus_per_node=pub.gpus_per_node, gpu=pub.gpu) if pub else {})
     gbs_given = cfg.training.global_batch_size is not None
     try:

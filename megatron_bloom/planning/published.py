@@ -32,6 +32,8 @@ class PublishedLayout:
     zero_stage: int = 1
     rampup_batch_size: Optional[Tuple[int, int, int]] = None
     source: str = ""
+    finetune: bool = False
+    """Run by launch/finetune.py (packed samples) rather than launch/pretrain.py."""
 
     @property
     def data_parallel_size(self) -> int:
@@ -51,8 +53,9 @@ PUBLISHED: Dict[str, PublishedLayout] = {
     "bloom-3b": PublishedLayout("bloom-3b", 32, 4, "v100-32g", 4, 4, 1, 512, "fp16", True, 1, _RAMP32, "tr11c-2B5-ml"),
     "bloom-7b1": PublishedLayout("bloom-7b1", 32, 4, "v100-32g", 4, 4, 1, 512, "fp16", True, 1, _RAMP32, "tr11f-6B3-ml"),
     "bloom-176b": PublishedLayout("bloom-176b", 48, 8, "a100-80g", 4, 12, 2, 2048, "bf16", True, 0, _RAMP16, "tr11-176B-ml"),
-    "bloomz-7b1": PublishedLayout("bloom-7b1", 8, 8, "a100-80g", 1, 1, 4, 2048, "fp16", True, 1, None, "tr13f-6B3-mtf (xP3)"),
+    "bloomz-7b1": PublishedLayout("bloom-7b1", 8, 8, "a100-80g", 1, 1, 4, 2048, "fp16", True, 1, None, "tr13f-6B3-mtf (xP3)",
+                                  finetune=True),
     "bloomz-176b": PublishedLayout("bloom-176b", 36, 8, "a100-80g", 1, 36, 1, 2048, "bf16", True, 0, None,
-                                   "tr13-176B-mtf (xP3)"),
+                                   "tr13-176B-mtf (xP3)", finetune=True),
 }
 """Run name (model, or bloomz-* for a finetune) -> its published layout (the slurm/ recipe of that name)."""

@@ -250,7 +250,7 @@ def test_published_layouts_fit_their_clusters():
         e = estimate(named_model_config(pub.model_name), Cluster(pub.nodes, pub.gpus_per_node, accelerator(pub.gpu)),
                      Layout(pub.tensor_model_parallel_size, pub.pipeline_model_parallel_size, pub.micro_batch_size,
                             pub.global_batch_size, pub.zero_stage, pub.checkpoint_activations, pub.precision,
-                            packed_samples=name.startswith("bloomz")))
+                            packed_samples=pub.finetune))
         assert e.feasible, (name, e.problems)
 
 
@@ -272,6 +272,7 @@ def test_published_table_is_the_recipes():
                  "CHECKPOINT_ACTIVATIONS": str(int(pub.checkpoint_activations))}
         differ = {k: (v, recipe.get(k)) for k, v in table.items() if recipe.get(k) != v}
         assert not differ, f"planning/published.py {name} (table, recipe): {differ}"
+        assert ("\nENTRY=launch/finetune.py\n" in text) == pub.finetune, name
 
 
 # ---- the memory model against live engines ---------------------------------------------------------
