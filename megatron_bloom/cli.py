@@ -10,24 +10,38 @@ import functools
 from typing import Callable, Optional, Sequence, Tuple
 
 from megatron_bloom.config import RunConfig, parse_config, validate_config
-from megatron_bloom.distributed.launch_env import world_size_from_env
 from megatron_bloom.errors import UserError, run_main
+
+
+def check_config(cfg: RunConfig, world_size: int, for_training: bool = True) -> None:
+    """``validate_config`` and, for training, the LR schedule's unit checks (iterations vs samples).
+
+    Needs no process group and imports no torch: ``launch/plan.py`` runs the same checks.
+    """
+    validate_config(cfg, world_size, for_training=for_training)
+    if for_training:
+        from megatron_bloom.training.schedules import LearningRateSchedule
+
+        LearningRateSchedule.from_config(cfg.training)
+
+
+def check_pretrain_config(cfg: RunConfig) -> None:
+    """What ``launch/pretrain.py`` refuses beyond ``check_config`` (``launch/plan.py`` checks it too)."""
+    if cfg.data.reset_attention_mask:
+        raise UserError("--reset-attention-mask (no attention across EOD) is not built for pretraining: documents "
+                        "attend across EOD here, as BLOOM trained; drop it")
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None, for_training: bool = True) -> Tuple[RunConfig, int]:
     """Parse flags + YAML and validate against the launcher's world size, before any process group."""
     from megatron_bloom.config.loader import explicit_keys
+    from megatron_bloom.distributed.launch_env import world_size_from_env
     from megatron_bloom.training.sources import fill_from_sources
 
     cfg = parse_config(argv)
     fill_from_sources(cfg, explicit_keys(argv))
     world_size = world_size_from_env()
-    validate_config(cfg, world_size, for_training=for_training)
-    if for_training:
-        # The schedule's own unit checks (iterations vs samples) also run before any process group.
-        from megatron_bloom.training.schedules import LearningRateSchedule
-
-        LearningRateSchedule.from_config(cfg.training)
+    check_config(cfg, world_size, for_training=for_training)
     return cfg, world_size
 
 
@@ -67,9 +81,7 @@ def run_training(cfg: RunConfig, finetune: bool = False) -> int:
 def pretrain_command(argv: Optional[Sequence[str]] = None) -> int:
     """launch/pretrain.py: check the configuration first, then the inputs, then train."""
     cfg, _ = resolve_config(argv)
-    if cfg.data.reset_attention_mask:
-        raise UserError("--reset-attention-mask (no attention across EOD) is not built for pretraining: documents "
-                        "attend across EOD here, as BLOOM trained; drop it")
+    check_pretrain_config(cfg)
     return run_training(cfg)
 
 

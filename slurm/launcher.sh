@@ -3,13 +3,15 @@
 #
 # A recipe sets its sizes with `: "${VAR:=default}"` (so the environment at sbatch time wins),
 # fills the arrays that are specific to it (MODEL_ARGS, OPTIMIZER_ARGS, DATA_ARGS, and optionally
-# EXTRA_ARGS), then calls `launch`. Everything else is built here, from the same variables, so the
-# pre-flight plan and the training command cannot disagree:
+# EXTRA_ARGS), then calls `launch`. Everything else is built here, from the same variables. The
+# pre-flight hands launch/plan.py the trainer's arguments themselves (TRAINER_ARGS) plus the cluster
+# (--nodes, --gpus-per-node, --gpu, and --finetune for launch/finetune.py), so it plans the command
+# that runs, not a copy of it:
 #
 #   ENTRY                 launch/pretrain.py or launch/finetune.py
-#   MODEL_NAME            NAMED_MODELS key, given to the planner (--model) and the trainer (--model-name);
-#                         the array ARCH_ARGS (--num-layers/--hidden-size/--num-attention-heads/
-#                         --ffn-hidden-size/--vocab-size) overrides its architecture for both
+#   MODEL_NAME            NAMED_MODELS key (--model-name); the array ARCH_ARGS (--num-layers/
+#                         --hidden-size/--num-attention-heads/--ffn-hidden-size/--vocab-size)
+#                         overrides its architecture
 #   GPUS_PER_NODE         ranks per node (torchrun --nproc-per-node)
 #   GPU_KIND              accelerator for the planner (a100-80g, h100-80g, h200, v100-32g, cpu)
 #   TP PP ZERO_STAGE      layout; DP = nodes x GPUS_PER_NODE / (TP x PP)
@@ -172,21 +174,16 @@ build_arguments() {
         # Time the ranks get to finish a save when the agent is told to stop (torchrun's own default is 30 s).
         --shutdown-timeout "$TORCHRUN_SHUTDOWN_TIMEOUT"
     )
-    PLAN_ARGS=(
-        --model "$MODEL_NAME" "${ARCH_ARGS[@]+"${ARCH_ARGS[@]}"}"
-        --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" --gpu "$GPU_KIND"
-        --tp "$TP" --pp "$PP" --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-        --zero-stage "$ZERO_STAGE" --seq-length "$SEQ_LEN" --precision "$PRECISION"
-    )
-    if [[ -n $RAMPUP_BATCH_SIZE ]]; then PLAN_ARGS+=(--rampup-batch-size "${ramp[@]}"); fi
-    if [[ $CHECKPOINT_ACTIVATIONS == 1 ]]; then PLAN_ARGS+=(--checkpoint-activations); else PLAN_ARGS+=(--no-checkpoint-activations); fi
+    # The pre-flight plans the trainer's own arguments on this cluster (launch/plan.py --help).
+    PLAN_ARGS=(--nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" --gpu "$GPU_KIND")
+    if [[ $ENTRY == */finetune.py ]]; then PLAN_ARGS+=(--finetune); fi
 }
 
-# Fail in seconds, before the ranks start, when the layout is invalid or cannot fit.
+# Fail in seconds, before the ranks start, when the command is invalid or cannot fit.
 preflight() {
-    echo "=== pre-flight: launch/plan.py ${PLAN_ARGS[*]}"
-    if ! "$PYTHON" "$REPO/launch/plan.py" "${PLAN_ARGS[@]}"; then
-        echo "=== pre-flight failed: fix the layout above; nothing was started" >&2
+    printf '=== pre-flight: launch/plan.py'; printf ' %q' "${PLAN_ARGS[@]}" "${TRAINER_ARGS[@]}"; echo
+    if ! "$PYTHON" "$REPO/launch/plan.py" "${PLAN_ARGS[@]}" "${TRAINER_ARGS[@]}"; then
+        echo "=== pre-flight failed: fix the command above; nothing was started" >&2
         exit 2
     fi
 }

@@ -22,9 +22,14 @@ def assumptions_text(e: Estimate) -> str:
             f"per GPU, {acc.memory_gib:.0f} GiB with {a.memory_headroom:.0%} headroom")
 
 
+def model_label(e: Estimate) -> str:
+    """--model-name, or the size of an architecture given by its flags."""
+    return e.model.model_name or f"BLOOM ({e.parameters / 1e9:.1f}B parameters)"
+
+
 def text(e: Estimate) -> str:
     m, c, lay = e.model, e.cluster, e.layout
-    name = m.model_name or "model"
+    name = model_label(e)
     lines = [
         f"plan: {name} on {c.nodes} nodes x {c.gpus_per_node} {c.accelerator.name} ({c.world_size} GPUs)",
         f"  parameters     {e.parameters:,} ({m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} "

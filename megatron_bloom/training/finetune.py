@@ -64,13 +64,16 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hi
 """Model fields taken from --pretrained when neither a flag, the YAML nor --model-name sets them."""
 
 
-def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunConfig, int]:
-    """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained."""
+def finetune_run_config(argv: Optional[Sequence[str]] = None, read_tokenizer: bool = True) -> RunConfig:
+    """Flags + YAML as for pretraining, with BLOOMZ defaults and the architecture of --pretrained.
+
+    Not yet checked against a world size; ``launch/plan.py --finetune`` plans this same configuration
+    (with ``read_tokenizer`` False: see ``training.sources.fill_vocabulary``).
+    """
     import sys
 
     from megatron_bloom.training.sources import fill_from_sources
     from megatron_bloom.data.packing import OVERLONG_MODES
-    from megatron_bloom.distributed.launch_env import world_size_from_env
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv)
@@ -85,9 +88,17 @@ def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunCo
             if key not in given["model"]:
                 setattr(cfg.model, key, getattr(source, key))
                 given["model"].add(key)  # the checkpoint's vocabulary wins over the tokenizer's
-    fill_from_sources(cfg, given)
+    fill_from_sources(cfg, given, read_tokenizer=read_tokenizer)
     if cfg.finetune.overlong not in OVERLONG_MODES:
         raise UserError(f"overlong='{cfg.finetune.overlong}' is not one of {', '.join(OVERLONG_MODES)}")
+    return cfg
+
+
+def resolve_finetune_config(argv: Optional[Sequence[str]] = None) -> Tuple[RunConfig, int]:
+    """``finetune_run_config`` checked against the launcher's world size."""
+    from megatron_bloom.distributed.launch_env import world_size_from_env
+
+    cfg = finetune_run_config(argv)
     world_size = world_size_from_env()
     validate_config(cfg, world_size)
     return cfg, world_size

@@ -42,7 +42,7 @@ def test_bloom_176b_asks_for_48_nodes_of_8_gpus_at_tp4_pp12():
     text = open(path).read()
     for var, value in (("GPUS_PER_NODE", "8"), ("TP", "4"), ("PP", "12"), ("MICRO_BATCH_SIZE", "2"),
                        ("GLOBAL_BATCH_SIZE", "2048"), ("RAMPUP_BATCH_SIZE", "192 16 9765625"), ("SEQ_LEN", "2048"),
-                       ("PRECISION", "bf16"), ("ZERO_STAGE", "1"), ("SAVE_INTERVAL", "100")):
+                       ("PRECISION", "bf16"), ("ZERO_STAGE", "0"), ("SAVE_INTERVAL", "100")):
         assert f': "${{{var}:={value}}}"' in text, var
 
 
@@ -70,6 +70,17 @@ def srun_command(stdout):
     return shlex.split(line[2:])
 
 
+def preflight_command(stdout):
+    """The arguments the pre-flight hands launch/plan.py (DRY_RUN=1 still runs it, and prints them quoted)."""
+    prefix = "=== pre-flight: launch/plan.py "
+    line = next(line for line in stdout.splitlines() if line.startswith(prefix))
+    return shlex.split(line[len(prefix):])
+
+
+def trainer_command(argv, entry):
+    return argv[argv.index(os.path.join(REPO, "launch", entry)) + 1:]
+
+
 def flag(argv, name, n=1):
     i = argv.index(name)
     return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
@@ -78,18 +89,20 @@ def flag(argv, name, n=1):
 def test_bloom_176b_command(tmp_path):
     p = dry_run("bloom-176b", tmp_path, 48)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "=== pre-flight: launch/plan.py --model bloom-176b --nodes 48 --gpus-per-node 8" in p.stdout
     assert "verdict        fits" in p.stdout
     argv = srun_command(p.stdout)
+    # The pre-flight plans the very command the ranks run, on the job's cluster.
+    assert preflight_command(p.stdout) == ["--nodes", "48", "--gpus-per-node", "8", "--gpu", "a100-80g",
+                                           *trainer_command(argv, "pretrain.py")]
     assert argv[:5] == ["srun", "--kill-on-bad-exit=1", "--wait=60", "--nodes=48", "--ntasks-per-node=1"]
     assert argv[6:8] == ["-u", os.path.join(REPO, "slurm", "torchrun_node.py")]
     torchrun = argv[argv.index("--") + 1:]
     assert flag(torchrun, "--nnodes") == "48" and flag(torchrun, "--nproc-per-node") == "8"
     assert flag(torchrun, "--rdzv-backend") == "c10d" and flag(torchrun, "--rdzv-endpoint") == "gpu1:14242"
     assert flag(torchrun, "--max-restarts") == "0"
-    trainer = torchrun[torchrun.index(os.path.join(REPO, "launch", "pretrain.py")) + 1:]
+    trainer = trainer_command(torchrun, "pretrain.py")
     expected = {"--model-name": "bloom-176b", "--tensor-model-parallel-size": "4", "--pipeline-model-parallel-size": "12",
-                "--micro-batch-size": "2", "--global-batch-size": "2048", "--seq-length": "2048", "--zero-stage": "1",
+                "--micro-batch-size": "2", "--global-batch-size": "2048", "--seq-length": "2048", "--zero-stage": "0",
                 "--pp-partition-method": "type:transformer|embedding", "--save-interval": "100",
                 "--exit-duration-in-mins": str(20 * 60 - 10), "--distributed-backend": "nccl",
                 "--train-samples": "220000000", "--init-method-std": "0.0048"}
@@ -113,8 +126,10 @@ def test_published_recipes_pass_their_preflight(recipe, nodes, gpus, tp, pp, tmp
     argv = srun_command(p.stdout)
     assert flag(argv, "--nproc-per-node") == str(gpus)
     assert flag(argv, "--tensor-model-parallel-size") == str(tp) and flag(argv, "--pipeline-model-parallel-size") == str(pp)
+    entry = "finetune.py" if recipe == "bloomz-7b1" else "pretrain.py"
+    assert preflight_command(p.stdout)[6:] == [*(["--finetune"] if entry == "finetune.py" else []),
+                                               *trainer_command(argv, entry)]
     if recipe == "bloomz-7b1":
-        assert os.path.join(REPO, "launch", "finetune.py") in argv
         assert "--pretrained" in argv and "--fp16" in argv and flag(argv, "--global-batch-size") == "2048"
         assert flag(argv, "--train-weighted-split-paths-path").endswith("xp3.mixture.txt")
     else:

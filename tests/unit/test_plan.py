@@ -34,6 +34,12 @@ def run_plan(capsys, *argv):
     return code, out, err
 
 
+BLOOM_176B = ["--model-name", "bloom-176b", "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "12",
+              "--micro-batch-size", "2", "--global-batch-size", "2048", "--rampup-batch-size", "192", "16", "9765625",
+              "--seq-length", "2048", "--bf16", "--zero-stage", "0", "--checkpoint-activations"]
+"""BLOOM-176B's layout, in the trainer's flags (slurm/bloom-176b.slurm)."""
+
+
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
@@ -43,16 +49,14 @@ def test_published_parameter_counts(name, capsys):
     cfg = named_model_config(name)
     assert total_parameters(cfg) == PUBLISHED_COUNTS[name]
     assert count_parameters(cfg) == PUBLISHED_COUNTS[name]  # the model itself, built on the meta device
-    code, out, _ = run_plan(capsys, "--model", name, "--nodes", "48", "--gpus-per-node", "8", "--json")
+    code, out, _ = run_plan(capsys, "--model-name", name, "--nodes", "48", "--gpus-per-node", "8", "--json")
     assert last_json(out)["parameters"] == PUBLISHED_COUNTS[name]
     assert f"{PUBLISHED_COUNTS[name]:,}" in out
 
 
 def test_bloom_176b_layout_fits_and_is_among_the_feasible(capsys):
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8", "--gpu",
-                              "a100-80g", "--tp", "4", "--pp", "12", "--micro-batch-size", "2",
-                              "--global-batch-size", "2048", "--zero-stage", "1", "--checkpoint-activations",
-                              "--seq-length", "2048", "--json")
+    code, out, err = run_plan(capsys, "--nodes", "48", "--gpus-per-node", "8", "--gpu", "a100-80g", "--json",
+                              *BLOOM_176B)
     assert code == 0, err
     plan = last_json(out)
     assert plan["feasible"] and plan["layout"]["data_parallel_size"] == 8
@@ -73,9 +77,9 @@ def test_bloom_176b_layout_fits_and_is_among_the_feasible(capsys):
 
 
 def test_search_cli_lists_layouts(capsys):
-    code, out, _ = run_plan(capsys, "--model", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8",
-                            "--global-batch-size", "2048", "--tp", "4", "--pp", "12", "--checkpoint-activations",
-                            "--search", "--json")
+    code, out, _ = run_plan(capsys, "--model-name", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8", "--bf16",
+                            "--global-batch-size", "2048", "--tensor-model-parallel-size", "4",
+                            "--pipeline-model-parallel-size", "12", "--checkpoint-activations", "--search", "--json")
     assert code == 0
     assert "feasible layouts:" in out
     assert any(s["micro_batch_size"] == 2 and s["zero_stage"] == 1 for s in last_json(out)["search"])
@@ -84,28 +88,90 @@ def test_search_cli_lists_layouts(capsys):
 def test_yaml_config_and_its_recompute(capsys):
     """configs/bloom-176b.yaml recomputes activations, as tr11 did; without recompute stage 0 cannot fit."""
     yaml_path = os.path.join(REPO, "configs", "bloom-176b.yaml")
-    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8",
+    code, out, err = run_plan(capsys, "--config", yaml_path, "--nodes", "48", "--gpus-per-node", "8",
                               "--no-checkpoint-activations")
     assert code == 2
     assert "does not fit" in err and "--checkpoint-activations" in err and "Traceback" not in err
-    code, out, err = run_plan(capsys, "--model", yaml_path, "--nodes", "48", "--gpus-per-node", "8", "--json")
+    code, out, err = run_plan(capsys, "--config", yaml_path, "--nodes", "48", "--gpus-per-node", "8", "--json")
     assert code == 0, err
     assert last_json(out)["layout"]["tensor_model_parallel_size"] == 4  # from the YAML
 
 
+def test_paths_of_the_cluster_need_not_exist_here(capsys, tmp_path):
+    """Data, tokenizer, checkpoints and logs are the cluster's: the trainer would check them there."""
+    missing = tmp_path / "not-here"
+    code, out, err = run_plan(capsys, "--nodes", "48", "--gpus-per-node", "8", *BLOOM_176B,
+                              "--train-samples", "220000000", "--data-path", "0.5", str(missing / "en"), "0.5",
+                              str(missing / "fr"), "--tokenizer-name-or-path", str(missing / "tokenizer"),
+                              "--save", str(missing / "ckpt"), "--load", str(missing / "ckpt"),
+                              "--tensorboard-dir", "/proc/not-writable/tb", "--kill-switch-path", str(missing / "kill"))
+    assert code == 0, err
+    assert "verdict        fits" in out and not missing.exists()
+    code, out, err = run_plan(capsys, "--nodes", "48", "--gpus-per-node", "8", "--config", str(missing / "run.yaml"))
+    assert code == 2 and "does not exist" in err  # what the plan reads must exist
+
+
+def test_plan_and_trainer_flags_interleave(capsys):
+    """plan.py's flags may sit anywhere among the trainer's, also between a list flag's values."""
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--data-path", "0.5", "en", "--json", "0.5", "fr",
+                              "--nodes", "48", "--tensor-model-parallel-size", "4", "--gpus-per-node", "8",
+                              *BLOOM_176B[4:], "--gpu", "a100-80g")
+    assert code == 0, err
+    layout = last_json(out)["layout"]
+    assert (layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]) == (4, 12)
+
+
+def test_published_and_finetune(capsys, tmp_path):
+    """--published fills what the flags leave unset; --finetune plans packed samples, and reads --pretrained's
+    architecture only when nothing else names it."""
+    code, out, err = run_plan(capsys, "--published", "bloom-176b", "--json")
+    assert code == 0, err
+    plan = last_json(out)
+    assert (plan["world_size"], plan["layout"]["pipeline_model_parallel_size"], plan["layout"]["precision"]) == (
+        384, 12, "bf16")
+    code, out, err = run_plan(capsys, "--published", "bloom-176b", "--tensor-model-parallel-size", "8", "--fp16",
+                              "--json")
+    assert code == 0, err
+    layout = last_json(out)["layout"]
+    assert (layout["tensor_model_parallel_size"], layout["data_parallel_size"], layout["precision"]) == (8, 4, "fp16")
+
+    bloomz = ["--nodes", "8", "--gpus-per-node", "8", "--finetune", "--pretrained", str(tmp_path / "bloom-7b1"),
+              "--fp16", "--micro-batch-size", "4", "--global-batch-size", "2048", "--checkpoint-activations",
+              "--train-samples", "2048000"]
+    code, out, err = run_plan(capsys, *bloomz, "--model-name", "bloom-7b1")
+    assert code == 0, err
+    assert " packed" in out
+    code, out, err = run_plan(capsys, *bloomz)
+    assert code == 2 and "unless --model-name names it" in err
+
+
+TP, PP = "--tensor-model-parallel-size", "--pipeline-model-parallel-size"
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--tp", "3"], "num_attention_heads=112 is not divisible by tensor_model_parallel_size=3"),
-    (["--tp", "4", "--pp", "5"], "world size 384 is not divisible by"),
-    (["--tp", "4", "--pp", "12", "--global-batch-size", "100"], "global_batch_size=100 is not divisible"),
-    (["--tp", "1", "--pp", "1", "--checkpoint-activations"], "does not fit: stage 0 needs"),
-    (["--tp", "4", "--pp", "12", "--zero-stage", "2"], "use zero_stage 0 or 1"),
-    (["--tp", "4", "--pp", "12", "--gpu", "v100-32g", "--precision", "bf16"], "no bf16 support"),
+    ([TP, "3"], "num_attention_heads=112 is not divisible by tensor_model_parallel_size=3"),
+    ([TP, "4", PP, "5"], "world size 384 is not divisible by"),
+    ([TP, "4", PP, "12", "--global-batch-size", "100"], "global_batch_size=100 is not divisible"),
+    ([TP, "1", PP, "1", "--checkpoint-activations"], "does not fit: stage 0 needs"),
+    ([TP, "4", PP, "12", "--zero-stage", "2"], "use zero_stage 0 or 1"),
+    ([TP, "4", PP, "12", "--gpu", "v100-32g", "--bf16"], "no bf16 support"),
     (["--gpu", "b200"], "unknown --gpu 'b200'"),
+    # The trainer's own checks of the whole command, schedule included.
+    ([TP, "4", PP, "12", "--train-iters", "10", "--train-samples", "100"], "give exactly one of train_iters"),
+    ([TP, "4", PP, "12", "--global-batch-size", "2048", "--rampup-batch-size", "192", "16", "100", "--train-iters",
+      "10"], "rampup_batch_size needs train_samples"),
+    ([TP, "4", PP, "12", "--lr-decay-style", "step"], "lr_decay_style='step' is not one of"),
+    ([TP, "4", PP, "12", "--reset-attention-mask"], "--reset-attention-mask (no attention across EOD) is not built"),
+    ([TP, "4", "--tensr-model-parallel-size", "4"], "did you mean '--tensor-model-parallel-size'"),
+    # plan.py's names before it took the trainer's flags point to the trainer's.
+    (["--tp", "4"], "instead of --tp give --tensor-model-parallel-size"),
+    (["--model", "bloom-176b"], "instead of --model give --model-name NAME or --config FILE"),
 ])
 def test_invalid_or_oversized_layouts_fail_with_one_line(argv, message, capsys):
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8", *argv)
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--bf16", "--nodes", "48", "--gpus-per-node", "8",
+                              *argv)
     assert code == 2
-    assert message in err and err.startswith("error:") and "Traceback" not in err
+    assert message in err and err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_stage_cut_at_bloom_176b():
@@ -115,9 +181,9 @@ def test_stage_cut_at_bloom_176b():
 
 def test_bloomz_176b_plans_embedding_only_stages(capsys):
     """BLOOMZ-176B's layout: 70 blocks on 72 stages, the first and last holding only an embedding."""
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "36", "--gpus-per-node", "8", "--tp", "1",
-                              "--pp", "72", "--micro-batch-size", "1", "--global-batch-size", "2048", "--bf16",
-                              "--zero-stage", "1", "--checkpoint-activations")
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--nodes", "36", "--gpus-per-node", "8", TP, "1",
+                              PP, "72", "--micro-batch-size", "1", "--global-batch-size", "2048", "--bf16",
+                              "--zero-stage", "0", "--checkpoint-activations")
     assert code == 0, err
     plan = stages(named_model_config("bloom-176b"), 1, 72, half_precision=True)
     assert [s.blocks for s in plan] == [0] + [1] * 70 + [0]
@@ -128,9 +194,9 @@ def test_bloomz_176b_plans_embedding_only_stages(capsys):
 
 
 def test_more_stages_than_the_method_fills_is_one_error_line(capsys):
-    code, out, err = run_plan(capsys, "--model", "bloom-176b", "--nodes", "73", "--gpus-per-node", "8", "--tp", "1",
-                              "--pp", "73", "--micro-batch-size", "1", "--global-batch-size", "2336", "--bf16",
-                              "--zero-stage", "1")
+    code, out, err = run_plan(capsys, "--model-name", "bloom-176b", "--nodes", "73", "--gpus-per-node", "8", TP, "1",
+                              PP, "73", "--micro-batch-size", "1", "--global-batch-size", "2336", "--bf16",
+                              "--zero-stage", "0")
     assert code == 2 and err.startswith("error:") and "Traceback" not in err
     assert "'type:transformer|embedding' fills at most 72 stages with num_layers=70" in err
 
@@ -183,8 +249,30 @@ def test_published_layouts_fit_their_clusters():
     for name, pub in PUBLISHED.items():
         e = estimate(named_model_config(pub.model_name), Cluster(pub.nodes, pub.gpus_per_node, accelerator(pub.gpu)),
                      Layout(pub.tensor_model_parallel_size, pub.pipeline_model_parallel_size, pub.micro_batch_size,
-                            pub.global_batch_size, pub.zero_stage, pub.checkpoint_activations, pub.precision))
+                            pub.global_batch_size, pub.zero_stage, pub.checkpoint_activations, pub.precision,
+                            packed_samples=pub.finetune))
         assert e.feasible, (name, e.problems)
+
+
+def test_published_table_is_the_recipes():
+    """--published NAME plans what slurm/NAME.slurm runs: the table and the recipe's defaults agree."""
+    import re
+
+    from megatron_bloom.planning import PUBLISHED
+
+    for name, pub in PUBLISHED.items():
+        text = open(os.path.join(REPO, "slurm", f"{name}.slurm"), encoding="utf-8").read()
+        recipe = dict(re.findall(r'^: "\$\{(\w+):=([^}]*)\}"', text, re.MULTILINE))
+        recipe["NODES"] = re.search(r"^#SBATCH --nodes=(\d+)", text, re.MULTILINE).group(1)
+        table = {"MODEL_NAME": pub.model_name, "NODES": str(pub.nodes), "GPUS_PER_NODE": str(pub.gpus_per_node),
+                 "GPU_KIND": pub.gpu, "TP": str(pub.tensor_model_parallel_size),
+                 "PP": str(pub.pipeline_model_parallel_size), "ZERO_STAGE": str(pub.zero_stage),
+                 "MICRO_BATCH_SIZE": str(pub.micro_batch_size), "GLOBAL_BATCH_SIZE": str(pub.global_batch_size),
+                 "RAMPUP_BATCH_SIZE": " ".join(map(str, pub.rampup_batch_size or ())), "PRECISION": pub.precision,
+                 "CHECKPOINT_ACTIVATIONS": str(int(pub.checkpoint_activations))}
+        differ = {k: (v, recipe.get(k)) for k, v in table.items() if recipe.get(k) != v}
+        assert not differ, f"planning/published.py {name} (table, recipe): {differ}"
+        assert ("\nENTRY=launch/finetune.py\n" in text) == pub.finetune, name
 
 
 # ---- the memory model against live engines ---------------------------------------------------------
@@ -196,13 +284,12 @@ NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
 MEASURED_LAYOUTS = [
     # (processes, flags): the BLOOM path (bf16 + ZeRO-1 -> BF16_Optimizer) at PP=2 and at TP=2 x PP=2 with
     # recompute, fp16 ZeRO-1 (BLOOMZ) at DP=2, fp32 ZeRO-2 at DP=2, and fp32 ZeRO-0 in one process.
-    (2, ["--precision", "bf16", "--zero-stage", "1", "--pp", "2", *NO_DROPOUT]),
-    (4, ["--precision", "bf16", "--zero-stage", "1", "--tp", "2", "--pp", "2", "--checkpoint-activations", *NO_DROPOUT]),
-    (2, ["--precision", "fp16", "--zero-stage", "1", *NO_DROPOUT]),
-    (2, ["--precision", "fp32", "--zero-stage", "2", *NO_DROPOUT]),
-    (1, ["--precision", "fp32", "--zero-stage", "0", *NO_DROPOUT]),
-    (1, ["--precision", "fp32", "--zero-stage", "0", "--attention-impl", "eager", "--hidden-dropout", "0.1",
-         "--attention-dropout", "0.1"]),
+    (2, ["--bf16", "--zero-stage", "1", PP, "2", *NO_DROPOUT]),
+    (4, ["--bf16", "--zero-stage", "1", TP, "2", PP, "2", "--checkpoint-activations", *NO_DROPOUT]),
+    (2, ["--fp16", "--zero-stage", "1", *NO_DROPOUT]),
+    (2, ["--zero-stage", "2", *NO_DROPOUT]),  # fp32: neither --bf16 nor --fp16
+    (1, ["--zero-stage", "0", *NO_DROPOUT]),
+    (1, ["--zero-stage", "0", "--attention-impl", "eager", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]),
 ]
 
 
@@ -215,7 +302,7 @@ def test_memory_model_matches_the_engine(nproc, flags):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    argv = ["--model", "small", "--seq-length", "64", "--gpu", "cpu", "--micro-batch-size", "2", "--nodes", "1",
+    argv = ["--model-name", "small", "--seq-length", "64", "--gpu", "cpu", "--micro-batch-size", "2", "--nodes", "1",
             "--gpus-per-node", str(nproc), *flags, "--measure", "--json"]
     cmd = [sys.executable, PLAN, *argv] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",

@@ -26,9 +26,9 @@ def test_bf16_zero0_holds_what_bf16_optimizer_holds(dp):
 
 def test_bloom_176b_as_published_fits_at_zero0(capsys):
     """tr11-176B-ml's flags: --bf16 --zero-stage 0 at TP=4, PP=12 on 48 nodes of 8 A100 80GB."""
-    argv = ["--model", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8", "--gpu", "a100-80g", "--tp", "4",
-            "--pp", "12", "--micro-batch-size", "2", "--global-batch-size", "2048", "--checkpoint-activations",
-            "--bf16", "--json"]
+    argv = ["--model-name", "bloom-176b", "--nodes", "48", "--gpus-per-node", "8", "--gpu", "a100-80g",
+            "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "12", "--micro-batch-size", "2",
+            "--global-batch-size", "2048", "--checkpoint-activations", "--bf16", "--json"]
     code, out, err = run_plan(capsys, *argv, "--zero-stage", "0")
     assert code == 0, err
     zero0 = last_json(out)
@@ -46,8 +46,8 @@ def test_memory_model_matches_the_engine_at_bf16_zero0():
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    argv = ["--model", "small", "--seq-length", "64", "--gpu", "cpu", "--micro-batch-size", "2", "--nodes", "1",
-            "--gpus-per-node", "2", "--precision", "bf16", "--zero-stage", "0", "--hidden-dropout", "0",
+    argv = ["--model-name", "small", "--seq-length", "64", "--gpu", "cpu", "--micro-batch-size", "2", "--nodes", "1",
+            "--gpus-per-node", "2", "--bf16", "--zero-stage", "0", "--hidden-dropout", "0",
             "--attention-dropout", "0", "--measure", "--json"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), PLAN, *argv]
