@@ -55,7 +55,7 @@ PUBLISHED: Dict[str, PublishedLayout] = {
     "bloom-176b": PublishedLayout("bloom-176b", 48, 8, "a100-80g", 4, 12, 2, 2048, "bf16", True, 0, _RAMP16, "tr11-176B-ml"),
     "bloomz-7b1": PublishedLayout("bloom-7b1", 8, 8, "a100-80g", 1, 1, 4, 2048, "fp16", True, 1, None, "tr13f-6B3-mtf (xP3)",
                                   finetune=True),
-    "bloomz-176b": PublishedLayout("bloom-176b", 36, 8, "a100-80g", 1, 36, 1, 2048, "bf16", True, 0, None,
+    "bloomz-176b": PublishedLayout("bloom-176b", 36, 8, "a100-80g", 1, 72, 1, 2048, "bf16", True, 0, None,
                                    "tr13-176B-mtf (xP3)", finetune=True),
 }
 """Run name (model, or bloomz-* for a finetune) -> its published layout (the slurm/ recipe of that name)."""

@@ -83,24 +83,6 @@ NOT_COMPARED = {
     "parallel.distributed_backend",
 }
 
-def refused(argv, world_size, words):
-    """True while validate_config refuses ``argv`` at ``world_size`` with a message containing ``words``."""
-    from megatron_bloom.errors import UserError
-
-    try:
-        validate_config(parse_config(["--train-iters", "1", *argv]), world_size, for_training=False)
-    except UserError as exc:
-        return words in str(exc)
-    return False
-
-
-def stage_without_block_refused():  # tiny: 2 blocks + 2 embedding layers = 4 stages of one layer
-    return refused(["--model-name", "tiny", "--pipeline-model-parallel-size", "4"], 4, "larger than num_layers")
-
-
-PP72 = ("72 stages for 70 blocks (plus the two embedding layers) are refused: every stage needs a transformer "
-        "block; PP=36 (DP=8) runs the same global batch of 2048 rows in micro-batches of 1, so the same loss "
-        "and update", stage_without_block_refused)
 EXIT_20H = ("tr11b passed 5990, its 100-hour value, under a 20-hour job limit, so that stop never fired; ours is "
             "the job's limit minus 10 minutes (1190, bigscience's own value for 20 hours)", None)
 
@@ -108,8 +90,6 @@ EXIT_20H = ("tr11b passed 5990, its 100-hour value, under a 20-hour job limit, s
 # the same reason. ``still_needed`` (when given) says whether the trainer still refuses the published
 # value: once it accepts it, the deviation is no longer allowed and the recipe must take the value.
 DEVIATIONS = {
-    ("configs/bloomz-176b.yaml", "parallel.pipeline_model_parallel_size"): (72, 36, PP72),
-    ("slurm/bloomz-176b.slurm", "parallel.pipeline_model_parallel_size"): (72, 36, PP72),
     ("slurm/bloom-1b7.slurm", "training.exit_duration_in_mins"): (5990.0, 1190.0, EXIT_20H),
 }
 
