@@ -26,7 +26,7 @@ import warnings
 from typing import List, Tuple
 
 from megatron_bloom.errors import UserError
-from megatron_bloom.models.bloom.config import megatron_padded_vocab_size
+from megatron_bloom.config.vocab import megatron_padded_vocab_size
 from megatron_bloom.config.schema import RunConfig
 
 

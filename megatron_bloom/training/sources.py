@@ -14,7 +14,7 @@ import os
 from typing import Dict, Optional, Set
 
 from megatron_bloom.errors import UserError
-from megatron_bloom.models.bloom.config import megatron_padded_vocab_size
+from megatron_bloom.config.vocab import megatron_padded_vocab_size
 
 from megatron_bloom.config.deepspeed_json import apply_deepspeed_json
 from megatron_bloom.config.schema import RunConfig

@@ -15,7 +15,6 @@ import math
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from megatron_bloom.testing import run_distributed

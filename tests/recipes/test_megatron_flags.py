@@ -152,15 +152,23 @@ REFUSED = [
     (["--remote-device", "cpu"], "--remote-device cpu (ZeRO-3 parameter offload) is not supported"),
     (["--no-deepspeed"], "--no-deepspeed: DeepSpeed is the engine"),
     (["--reset-attention-mask"], "--reset-attention-mask (no attention across EOD) is not built for pretraining"),
-    (["--train-iters", "x"], "argument --train-iters: invalid int value: 'x'"),
+    (["--micro-batch-size", "x"], "argument --micro-batch-size: invalid int value: 'x'"),
 ]
 
 
 @pytest.mark.parametrize("flags, message", REFUSED, ids=[f[0][0] for f in REFUSED])
-def test_values_not_built_here_get_one_error_line_from_the_entry_point(flags, message):
+def test_values_not_built_here_are_refused_before_anything_starts(flags, message):
+    from megatron_bloom.cli import check_pretrain_config
+
+    with pytest.raises(UserError) as exc:
+        check_pretrain_config(resolve([*flags, "--train-iters", "1"], 1))
+    assert str(exc.value).startswith(message)
+
+
+@pytest.mark.parametrize("flags, message", [REFUSED[0], *REFUSED[-2:]], ids=["rotary", "reset-attention-mask", "type"])
+def test_the_entry_point_prints_one_error_line(flags, message):
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT="1")
-    args = [*flags] if "--train-iters" in flags else [*flags, "--train-iters", "1"]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *args],
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "pretrain.py"), *flags, "--train-iters", "1"],
                           capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
