@@ -232,38 +232,31 @@ class Trainer:
             log0(f"> loaded the weights of {info.path}, not its optimizer state (--no-load-optim/--finetune)")
         else:
             self.engine.load(load_dir, info.tag, optimizer_steps=s["iteration"] - s.get("skipped_iterations", 0))
-        self.iteration = 0 if flags["finetune"] or flags["reset_progress"] else s["iteration"]
+        reset = flags["finetune"] or flags["reset_progress"]
+        self.iteration = 0 if reset else s["iteration"]
         self.consumed_samples = 0 if flags["reset_progress"] else s["consumed_samples"]
         self.consumed_tokens = 0 if flags["reset_progress"] else s["consumed_tokens"]
-        if flags["finetune"] or flags["reset_progress"]:
-            self._load_progress_reset(flags)
-            return
-        self.skipped_iterations = s.get("skipped_iterations", 0)
-        self.nan_iterations = s.get("nan_iterations", 0)
-        self.skipped_sample_ranges = dict(s.get("skipped_sample_ranges", {}))
-        if "lr_schedule" in s:
-            self.lr_schedule.load_state_dict(s["lr_schedule"])
-        restored = not flags["no_load_rng"] and load_rng(info, self.rank, self.same_layout, self.engine.tracker)
+        if not reset:
+            self.skipped_iterations = s.get("skipped_iterations", 0)
+            self.nan_iterations = s.get("nan_iterations", 0)
+            self.skipped_sample_ranges = dict(s.get("skipped_sample_ranges", {}))
+            if "lr_schedule" in s:
+                self.lr_schedule.load_state_dict(s["lr_schedule"])
+        fresh_rng = flags["no_load_rng"] or flags["finetune"]
+        restored = not fresh_rng and load_rng(info, self.rank, self.same_layout, self.engine.tracker)
         if not restored:
-            # Another layout: streams cannot be mapped rank to rank; derive fresh ones deterministically,
-            # each stage and TP rank its own as at the start of a run.
+            # Another layout (streams cannot be mapped rank to rank) or a flag: derive fresh ones
+            # deterministically, each stage and TP rank its own as at the start of a run.
             set_seed(self.cfg.training.seed + self.iteration)
             self.engine.seed_dropout(self.cfg.training.seed + self.iteration)
             if flags["no_load_rng"]:
                 log0(f"> --no-load-rng: RNG streams drawn fresh from --seed {self.cfg.training.seed}")
-        log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
-              + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
-
-    def _load_progress_reset(self, flags: Dict[str, bool]) -> None:
-        """After --finetune or --reset-progress: counters from zero (samples kept by --finetune alone)."""
-        info = self.resume
-        restored = (not flags["no_load_rng"] and not flags["finetune"]
-                    and load_rng(info, self.rank, self.same_layout, self.engine.tracker))
-        if not restored:
-            set_seed(self.cfg.training.seed)
-            self.engine.seed_dropout(self.cfg.training.seed)
-        log0(f"> loaded {info.path} (saved at iteration {info.state['iteration']}); starting at iteration 0 with "
-             f"{self.consumed_samples} samples consumed (--{'finetune' if flags['finetune'] else 'reset-progress'})")
+        if reset:
+            log0(f"> loaded {info.path} (saved at iteration {s['iteration']}); starting at iteration 0 with "
+                 f"{self.consumed_samples} samples consumed (--{'finetune' if flags['finetune'] else 'reset-progress'})")
+        else:
+            log0(f"> resumed {info.path} at iteration {self.iteration}, {self.consumed_samples} samples"
+                 + ("" if self.same_layout else f" (layout {info.layout} -> {layout_of(self.cfg)})"))
 
     def save(self) -> None:
         c = self.cfg.checkpoint
