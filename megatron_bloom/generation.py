@@ -135,7 +135,7 @@ def load_model(
     weight is read.
     """
     from megatron_bloom.checkpoint.files import TOKENIZER_DIR, has_tokenizer_files, tokenizer_files
-    from megatron_bloom.checkpoint.native import checkpoint_special_tokens, model_from_state_dict, read_native_checkpoint
+    from megatron_bloom.checkpoint.native import checkpoint_special_tokens, iter_native_checkpoint, model_from_layers
 
     dev = resolve_device(device)  # a wrong --device fails before the model is read
     if tokenizer:
@@ -143,18 +143,19 @@ def load_model(
     if not os.path.isdir(path):
         raise UserError(f"--load {path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")):
-        from megatron_bloom.checkpoint.hf import read_hf_checkpoint, special_tokens_from_hf
+        from megatron_bloom.checkpoint.hf import iter_hf_checkpoint, special_tokens_from_hf
 
-        cfg, sd = read_hf_checkpoint(path)
+        cfg, layers = iter_hf_checkpoint(path)
         with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
             special = special_tokens_from_hf(json.load(fh))
         tokenizer_dir = path if has_tokenizer_files(path) else None
     else:
-        cfg, sd = read_native_checkpoint(path)
+        cfg, layers = iter_native_checkpoint(path)
         special = checkpoint_special_tokens(path)
         candidate = os.path.join(path, TOKENIZER_DIR)
         tokenizer_dir = candidate if os.path.isdir(candidate) and has_tokenizer_files(candidate) else None
-    model = model_from_state_dict(cfg, sd, dtype, attention_impl).to(dev)
+    # Filled one layer at a time: memory holds the model and one layer, not a merged copy besides.
+    model = model_from_layers(cfg, layers, dtype, attention_impl).to(dev)
     loaded = LoadedModel(model, cfg, tokenizer or tokenizer_dir, special, device=dev)
     if tokenizer or with_tokenizer:
         if loaded.tokenizer_dir is None:

@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from megatron_bloom.checkpoint.files import copy_tokenizer_files, tokenizer_files
-from megatron_bloom.checkpoint.native import StateDict, check_state_dict, parse_dtype
+from megatron_bloom.checkpoint.native import (
+    Layers,
+    StateDict,
+    check_state_dict,
+    collect,
+    full_keys,
+    layer_indices,
+    layers_of,
+    parse_dtype,
+)
 from megatron_bloom.checkpoint.trust import safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
@@ -79,6 +88,11 @@ def special_tokens_from_hf(values: Dict[str, Any]) -> Dict[str, Optional[int]]:
 # ---- reading weights ---------------------------------------------------------------------------
 
 
+def _safetensors_error(path: str, exc: Exception) -> UserError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return UserError(f"{path} is not a valid safetensors file, probably truncated or corrupt ({first})")
+
+
 def _load_safetensors(path: str) -> StateDict:
     from safetensors.torch import load_file
 
@@ -87,12 +101,11 @@ def _load_safetensors(path: str) -> StateDict:
     try:
         return load_file(path, device="cpu")
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path} is not a valid safetensors file, probably truncated or corrupt ({first})") from None
+        raise _safetensors_error(path, exc) from None
 
 
-def _load_bin(path: str) -> StateDict:
-    sd = safe_load(path)
+def _load_bin(path: str, mmap: bool = False) -> StateDict:
+    sd = safe_load(path, mmap=mmap)
     if not isinstance(sd, dict):
         raise UserError(f"{path} does not hold a state dict")
     return sd
@@ -118,33 +131,108 @@ def weight_files(folder: str) -> List[str]:
     raise UserError(f"{folder} has no {SAFETENSORS}, {PT_BIN} or index of shards")
 
 
-def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
-    """(ModelConfig, full state dict with our keys and real vocabulary rows) of a transformers folder."""
+class _WeightFiles:
+    """Tensors of a folder's weight files read by name, with only the files of the current layer open.
+
+    safetensors files are opened lazily (their header alone names and shapes every tensor) and
+    ``pytorch_model.bin`` files memory-mapped; ``close`` drops both, so the pages a layer touched
+    are not kept resident while the next layer is read.
+    """
+
+    def __init__(self):
+        self._open: Dict[str, Any] = {}
+
+    def tensors(self, path: str) -> Dict[str, Any]:
+        """name -> object with ``.shape`` (lazy; nothing read but the header / pickle)."""
+        if path.endswith(".safetensors"):
+            f = self._file(path)
+            try:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            except Exception as exc:  # noqa: BLE001
+                raise _safetensors_error(path, exc) from None
+        return {k: torch.empty(v.shape, device="meta") if isinstance(v, Tensor) else v
+                for k, v in self._file(path).items()}
+
+    def get(self, path: str, name: str) -> Tensor:
+        f = self._file(path)
+        if not path.endswith(".safetensors"):
+            return f[name]
+        try:
+            return f.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001
+            raise _safetensors_error(path, exc) from None
+
+    def _file(self, path: str):
+        if path not in self._open:
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                if not os.path.isfile(path):
+                    raise UserError(f"{path} is missing")
+                try:
+                    self._open[path] = safe_open(path, framework="pt", device="cpu")
+                except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+                    raise _safetensors_error(path, exc) from None
+            else:
+                self._open[path] = _load_bin(path, mmap=True)
+        return self._open[path]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def iter_hf_checkpoint(folder: str) -> Tuple[ModelConfig, Layers]:
+    """(ModelConfig, ``Layers`` with our keys and real vocabulary rows) of a transformers folder.
+
+    Every tensor's name and shape is checked from the files' headers before the first layer is
+    read; each layer is then read when it is taken, so a conversion holds one layer, not the model.
+    """
     if not os.path.isdir(folder):
         raise UserError(f"transformers folder {folder} does not exist")
     config_path = os.path.join(folder, "config.json")
     values = _read_json(config_path)
     cfg = model_config_from_hf(values, config_path)
     adapter = get_model_spec().hf
-    sd: StateDict = {}
+    files = _WeightFiles()
+    shapes: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
+    names: Dict[str, str] = {}
     for path in weight_files(folder):
-        part = _load_safetensors(path) if path.endswith(".safetensors") else _load_bin(path)
-        for key, tensor in part.items():
+        for name, tensor in files.tensors(path).items():
             if not isinstance(tensor, Tensor):
                 continue
-            key = adapter.hf_key(key)
-            if key in sd:
+            key = adapter.hf_key(name)
+            if key in shapes:
                 raise UserError(f"{path}: tensor '{key}' also appears in {sources[key]}")
-            sd[key], sources[key] = tensor, path
-    head = sd.pop(adapter.TIED_HEAD_KEY, None)
-    if head is not None:
-        emb = sd.get(adapter.EMBEDDING_KEY)
-        if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
-            raise UserError(f"{sources[adapter.TIED_HEAD_KEY]}: {adapter.TIED_HEAD_KEY} differs from the word embeddings; "
-                            f"only tied BLOOM heads are supported")
-    check_state_dict(sd, cfg, sources)
-    return cfg, sd
+            shapes[key], sources[key], names[key] = tensor, path, name
+        files.close()
+    head = shapes.pop(adapter.TIED_HEAD_KEY, None)
+    emb = shapes.get(adapter.EMBEDDING_KEY)
+    if head is not None and (emb is None or head.shape != emb.shape):
+        raise UserError(f"{sources[adapter.TIED_HEAD_KEY]}: {adapter.TIED_HEAD_KEY} differs from the word embeddings; "
+                        f"only tied BLOOM heads are supported")
+    check_state_dict(shapes, cfg, sources)
+
+    def layers() -> Layers:
+        for idx in layer_indices(cfg):
+            keys = full_keys(cfg, idx, dict.fromkeys(get_model_spec().sharding.layer_table(idx, cfg.num_layers)))
+            layer = {key: files.get(sources[key], names[key]) for key in keys}
+            if head is not None and adapter.EMBEDDING_KEY in layer:
+                tied = files.get(sources[adapter.TIED_HEAD_KEY], names[adapter.TIED_HEAD_KEY])
+                if not torch.equal(tied, layer[adapter.EMBEDDING_KEY]):
+                    raise UserError(f"{sources[adapter.TIED_HEAD_KEY]}: {adapter.TIED_HEAD_KEY} differs from the word "
+                                    f"embeddings; only tied BLOOM heads are supported")
+                del tied
+            files.close()
+            yield layer
+
+    return cfg, layers()
+
+
+def read_hf_checkpoint(folder: str) -> Tuple[ModelConfig, StateDict]:
+    """``iter_hf_checkpoint`` joined into one full state dict (holds the whole model)."""
+    cfg, layers = iter_hf_checkpoint(folder)
+    return cfg, collect(layers)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -162,22 +250,8 @@ def tokenizer_special_tokens(folder: str) -> Dict[str, Optional[int]]:
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
 
 
-def _shards(sd: StateDict, max_bytes: int) -> List[List[str]]:
-    """Keys grouped in file order into shards of at most ``max_bytes`` (a bigger tensor alone)."""
-    groups: List[List[str]] = [[]]
-    size = 0
-    for key in sd:
-        nbytes = sd[key].numel() * sd[key].element_size()
-        if groups[-1] and size + nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    return groups
-
-
 def write_hf_checkpoint(
-    state_dict: StateDict,
+    weights: Union[StateDict, Iterable[StateDict]],
     model_cfg: ModelConfig,
     out_dir: str,
     dtype: Union[None, str, torch.dtype] = None,
@@ -187,20 +261,20 @@ def write_hf_checkpoint(
 ) -> str:
     """Write a transformers BLOOM folder (safetensors, sharded above ``max_shard_bytes``).
 
-    ``state_dict`` is a full state dict with exactly ``vocab_size`` embedding rows (see the module
-    docstring); ``dtype`` casts (None keeps the stored dtype, recorded as ``dtype`` in config.json).
+    ``weights`` is a full state dict with exactly ``vocab_size`` embedding rows (see the module
+    docstring) or ``Layers``; a shard is written as soon as it is full, so memory holds one shard
+    and the layer being read. ``dtype`` casts (None keeps the stored dtype, recorded as ``dtype``
+    in config.json). Shards are written under temporary names and named, with config.json, only
+    once every layer was read: a source that fails halfway leaves no folder that half loads.
     """
     from safetensors.torch import save_file
 
-    check_state_dict(state_dict, model_cfg, "the given state dict")
+    if isinstance(weights, dict):
+        check_state_dict(weights, model_cfg, "the given state dict")
+        weights = layers_of(weights, model_cfg)
     if model_cfg.ffn_size != 4 * model_cfg.hidden_size:
         raise UserError(f"transformers' BLOOM has ffn size 4*hidden_size; this model has {model_cfg.ffn_size}")
     cast = parse_dtype(dtype)
-    ordered = {k: (v.to(cast) if cast is not None else v).contiguous() for k, v in sorted(state_dict.items())}
-    dtypes = {v.dtype for v in ordered.values()}
-    stored = cast or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
-    if stored not in _DTYPE_NAMES:
-        raise UserError(f"cannot export tensors of dtype {stored}; pass --dtype fp32, fp16 or bf16")
     # Special-token ids: the copied tokenizer's, else the source checkpoint's, else BLOOM's
     # (<unk>=0 <s>=1 </s>=2 <pad>=3), so config.json agrees with the tokenizer shipped beside it.
     # Read before anything is written: a tokenizer that does not load leaves no half-written folder.
@@ -214,15 +288,47 @@ def write_hf_checkpoint(
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
 
-    groups = _shards(ordered, max_shard_bytes)
+    written: List[Tuple[str, List[str]]] = []  # (temporary file, keys) per shard
+    shard: StateDict = {}
+    shard_bytes = total = 0
+    dtypes = set()
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        tmp = os.path.join(out_dir, f".shard-{len(written) + 1:05d}.safetensors.tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+        shard, shard_bytes = {}, 0
+
+    for layer in weights:
+        for key, value in layer.items():
+            value = (value.to(cast) if cast is not None else value).contiguous()
+            nbytes = value.numel() * value.element_size()
+            if value.untyped_storage().nbytes() != nbytes:
+                # A view (e.g. the real rows of a padded embedding): the shard keeps its own copy,
+                # not the whole storage behind it (safetensors also refuses tensors sharing one).
+                value = value.clone()
+            if shard and shard_bytes + nbytes > max_shard_bytes:
+                flush()
+            shard[key] = value
+            shard_bytes += nbytes
+            total += nbytes
+            dtypes.add(value.dtype)
+        del layer
+    if shard:
+        flush()
+    stored = cast or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    if stored not in _DTYPE_NAMES:
+        for tmp, _ in written:
+            os.remove(tmp)
+        raise UserError(f"cannot export tensors of dtype {stored}; pass --dtype fp32, fp16 or bf16")
+
     weight_map = {}
-    for i, keys in enumerate(groups, 1):
-        name = SAFETENSORS if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        # safetensors refuses tensors that share storage: every tensor is cloned into its own.
-        save_file({k: ordered[k].clone() for k in keys}, os.path.join(out_dir, name), metadata={"format": "pt"})
+    for i, (tmp, keys) in enumerate(written, 1):
+        name = SAFETENSORS if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, os.path.join(out_dir, name))
         weight_map.update({k: name for k in keys})
-    if len(groups) > 1:
-        total = sum(v.numel() * v.element_size() for v in ordered.values())
+    if len(written) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as fh:
             json.dump(index, fh, indent=2, sort_keys=True)

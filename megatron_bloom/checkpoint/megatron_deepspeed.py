@@ -38,7 +38,7 @@ from torch import Tensor
 
 from megatron_bloom.checkpoint.megatron_args import args_dict
 from megatron_bloom.checkpoint.files import LATEST, LAYER_FILE_RE, TAG_RE, layer_file, mp_rank_file
-from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, StateDict, check_state_dict
+from megatron_bloom.checkpoint.native import BLOCK_KEYS, SPLIT_DIM, Layers, StateDict, check_state_dict, collect
 from megatron_bloom.checkpoint.trust import load_megatron_state, safe_load
 from megatron_bloom.errors import UserError
 from megatron_bloom.config.schema import ModelConfig
@@ -116,24 +116,36 @@ def _merge(shards: List[StateDict], key: str, where: str) -> Tensor:
     return stacked.mean(0).to(shards[0][key].dtype)
 
 
-def read_megatron_deepspeed_checkpoint(
+def _read_layer_file(path: str, mmap: bool) -> StateDict:
+    sd = safe_load(path, mmap=mmap)
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    return sd
+
+
+def _shapes_of(path: str) -> StateDict:
+    """A layer file's entries, tensors as meta tensors of their shape: memory-mapped, so nothing
+    but the file's pickle is read."""
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, Tensor) else v
+            for k, v in _read_layer_file(path, mmap=True).items()}
+
+
+def iter_megatron_deepspeed_checkpoint(
     path: str,
     num_attention_heads: Optional[int] = None,
     layer_norm_epsilon: Optional[float] = None,
-) -> Tuple[ModelConfig, StateDict, Dict[str, Any]]:
-    """(ModelConfig, full state dict with our keys, Megatron args) of an original BLOOM checkpoint.
+) -> Tuple[ModelConfig, Layers, Dict[str, Any]]:
+    """(ModelConfig, ``Layers`` with our keys, Megatron args) of an original BLOOM checkpoint.
 
-    The vocabulary keeps every embedding row of the checkpoint (BLOOM: 250,880).
-    ``num_attention_heads`` / ``layer_norm_epsilon`` override (or replace unreadable) args.
+    Every file's keys and shapes are checked first (from their pickles, memory-mapped); each
+    layer's TP files are then read and merged when the layer is taken, so converting holds one
+    layer, not the model. The vocabulary keeps every embedding row of the checkpoint (BLOOM:
+    250,880). ``num_attention_heads`` / ``layer_norm_epsilon`` override (or replace unreadable) args.
     """
     tag_dir = resolve_tag_dir(path)
     files = _layer_files(tag_dir)
     tp = len(next(iter(files.values())))
-    shards = {idx: [safe_load(ranks[r]) for r in range(tp)] for idx, ranks in files.items()}
-    for idx, parts in shards.items():
-        for r, sd in enumerate(parts):
-            if not isinstance(sd, dict):
-                raise UserError(f"{files[idx][r]} does not hold a state dict")
+    shards = {idx: [_shapes_of(ranks[r]) for r in range(tp)] for idx, ranks in files.items()}
 
     embed = [i for i, p in shards.items() if "word_embeddings.weight" in p[0]]
     blocks = sorted(i for i, p in shards.items() if "input_layernorm.weight" in p[0])
@@ -145,25 +157,25 @@ def read_megatron_deepspeed_checkpoint(
     if blocks != list(range(blocks[0], blocks[0] + len(blocks))) or not embed[0] < blocks[0] < final[0]:
         raise UserError(f"{tag_dir}: block layer files {blocks} are not consecutive between the embedding "
                         f"(layer {embed[0]}) and the final LayerNorm (layer {final[0]})")
-
-    sd: StateDict = {}
-    sources: Dict[str, str] = {}
-    emb_parts = shards[embed[0]]
-    if "position_embeddings.weight" in emb_parts[0]:
+    if "position_embeddings.weight" in shards[embed[0]][0]:
         raise UserError(f"{files[embed[0]][0]} has position embeddings: not a BLOOM (ALiBi) checkpoint")
-    for key, ours in EMBEDDING_KEYS.items():
-        sd[ours] = _merge(emb_parts, key, files[embed[0]][0])
-        sources[ours] = files[embed[0]][0]
-    for i, idx in enumerate(blocks):
+    for idx in blocks:
         extra = set(shards[idx][0]) - set(BLOCK_KEYS)
         if extra:
             raise UserError(f"{files[idx][0]}: unexpected tensor '{sorted(extra)[0]}' in a BLOOM block")
-        for key in BLOCK_KEYS:
-            sd[f"transformer.h.{i}.{key}"] = _merge(shards[idx], key, files[idx][0])
-            sources[f"transformer.h.{i}.{key}"] = files[idx][0]
-    for key, ours in FINAL_NORM_KEYS.items():
-        sd[ours] = _merge(shards[final[0]], key, files[final[0]][0])
-        sources[ours] = files[final[0]][0]
+    # (layer, {their key: our key}) in model order.
+    plan = [(embed[0], EMBEDDING_KEYS)]
+    plan += [(idx, {k: f"transformer.h.{i}.{k}" for k in BLOCK_KEYS}) for i, idx in enumerate(blocks)]
+    plan.append((final[0], FINAL_NORM_KEYS))
+
+    def merged(parts: List[StateDict], idx: int, keys: Dict[str, str]) -> StateDict:
+        return {ours: _merge(parts, key, files[idx][0]) for key, ours in keys.items()}
+
+    shapes: StateDict = {}
+    sources: Dict[str, str] = {}
+    for idx, keys in plan:
+        shapes.update(merged(shards[idx], idx, keys))  # meta tensors: shapes only
+        sources.update({ours: files[idx][0] for ours in keys.values()})
 
     try:
         args = read_megatron_args(tag_dir)
@@ -175,15 +187,15 @@ def read_megatron_deepspeed_checkpoint(
     if not heads:
         raise UserError(f"{tag_dir}: the head count is not readable from mp_rank_00_model_states.pt; "
                         f"pass --num-attention-heads")
-    emb = sd["transformer.word_embeddings.weight"]
-    qkv = sd["transformer.h.0.self_attention.query_key_value.weight"]
+    emb = shapes["transformer.word_embeddings.weight"]
+    qkv = shapes["transformer.h.0.self_attention.query_key_value.weight"]
     h = emb.shape[1]
     cfg = ModelConfig(
         num_layers=len(blocks),
         hidden_size=h,
         num_attention_heads=int(heads),
         vocab_size=emb.shape[0],
-        ffn_hidden_size=sd["transformer.h.0.mlp.dense_h_to_4h.weight"].shape[0],
+        ffn_hidden_size=shapes["transformer.h.0.mlp.dense_h_to_4h.weight"].shape[0],
         layer_norm_epsilon=float(layer_norm_epsilon or args.get("layernorm_epsilon") or 1e-5),
         init_method_std=float(args.get("init_method_std") or 0.0048),
     )
@@ -194,5 +206,20 @@ def read_megatron_deepspeed_checkpoint(
     if h % cfg.num_attention_heads or qkv.shape[0] != 3 * h:
         raise UserError(f"{files[blocks[0]][0]}: query_key_value has {qkv.shape[0]} rows for hidden size {h} "
                         f"and {cfg.num_attention_heads} heads; expected {3 * h} and heads dividing {h}")
-    check_state_dict(sd, cfg, sources)
-    return cfg, sd, args
+    check_state_dict(shapes, cfg, sources)
+
+    def layers() -> Layers:
+        for idx, keys in plan:
+            yield merged([_read_layer_file(files[idx][r], mmap=True) for r in range(tp)], idx, keys)
+
+    return cfg, layers(), args
+
+
+def read_megatron_deepspeed_checkpoint(
+    path: str,
+    num_attention_heads: Optional[int] = None,
+    layer_norm_epsilon: Optional[float] = None,
+) -> Tuple[ModelConfig, StateDict, Dict[str, Any]]:
+    """``iter_megatron_deepspeed_checkpoint`` joined into one full state dict (holds the whole model)."""
+    cfg, layers, args = iter_megatron_deepspeed_checkpoint(path, num_attention_heads, layer_norm_epsilon)
+    return cfg, collect(layers), args

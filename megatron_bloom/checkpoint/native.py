@@ -25,6 +25,11 @@ layer with weights and TP rank, in Megatron-DeepSpeed's BLOOM layout (numbering 
 A layer's file does not depend on the pipeline size, so one weights-only checkpoint serves every
 PP; ``load_weights_only`` also reshards it to any TP, so it serves every layout. The embedding is
 padded with zero rows to ``padded_vocab_size(tp)``; reading strips the padding again.
+
+Conversions stream (``Layers``): a reader yields one pipeline layer's full tensors at a time and a
+writer stores them before the next is read, so converting holds about one layer (the embedding
+is the largest), never the model. ``read_native_checkpoint`` and friends still return a whole
+state dict for callers that want one.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import os
 import re
 import sys
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +67,9 @@ from megatron_bloom.layers.duplicated import tp_copies_drift
 from megatron_bloom.models.spec import get_model_spec
 
 StateDict = Dict[str, Tensor]
+Layers = Iterator[StateDict]
+"""A model's weights one pipeline layer at a time (embedding, each block, final LayerNorm), each
+item with full-state-dict keys and real vocabulary rows."""
 
 
 _SHARDING = get_model_spec().sharding
@@ -115,8 +123,9 @@ def expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(sd: StateDict, cfg: ModelConfig, source: Union[str, Dict[str, str]]) -> None:
-    """Raise a one-line UserError unless ``sd`` is exactly a full state dict of ``cfg``.
+def check_state_dict(sd: StateDict, cfg: ModelConfig, source: Union[str, Dict[str, str]], partial: bool = False) -> None:
+    """Raise a one-line UserError unless ``sd`` is exactly a full state dict of ``cfg`` (with
+    ``partial``: a part of one, e.g. one layer). Only ``.shape`` is read: meta tensors do.
 
     ``source`` names where the tensors came from: one path, or a key -> file map.
     """
@@ -128,6 +137,8 @@ def check_state_dict(sd: StateDict, cfg: ModelConfig, source: Union[str, Dict[st
                 f"vocab_size={cfg.vocab_size}, ffn_hidden_size={cfg.ffn_size}")
     for key, shape in shapes.items():
         if key not in sd:
+            if partial:
+                continue
             files = sorted(set(source.values())) if isinstance(source, dict) else [source]
             raise UserError(f"{', '.join(files)[:300]}: tensor '{key}' is missing (expected a BLOOM with {shape_of})")
         if tuple(sd[key].shape) != shape:
@@ -165,12 +176,51 @@ def full_keys(cfg: ModelConfig, idx: int, local: StateDict) -> StateDict:
     return {_SHARDING.full_key(idx, k, cfg.num_layers): v for k, v in local.items()}
 
 
+def layers_of(sd: StateDict, cfg: ModelConfig) -> Layers:
+    """A whole state dict as ``Layers`` (views, no copies)."""
+    for idx in layer_indices(cfg):
+        yield full_keys(cfg, idx, layer_state(sd, cfg, idx))
+
+
+def checked_layers(layers: Iterable[StateDict], cfg: ModelConfig, source: Union[str, Dict[str, str]]) -> Layers:
+    """``layers`` with every tensor's shape checked as it passes, and at the end that none was missing."""
+    seen = set()
+    for layer in layers:
+        check_state_dict(layer, cfg, source, partial=True)
+        seen.update(layer)
+        yield layer
+    shapes = expected_shapes(cfg)
+    if len(seen) < len(shapes):
+        # The message of a whole-state-dict check, naming the first missing tensor.
+        check_state_dict({k: torch.empty(shape, device="meta") for k, shape in shapes.items() if k in seen}, cfg, source)
+
+
+def collect(layers: Iterable[StateDict]) -> StateDict:
+    """``Layers`` joined into one state dict (holds the whole model)."""
+    sd: StateDict = {}
+    for layer in layers:
+        sd.update(layer)
+    return sd
+
+
+def _vocab_rows(t: Tensor, tp: int, rank: int, padded_vocab_size: int) -> Tensor:
+    """Rank ``rank``'s rows of the embedding ``t`` [V, h] zero-padded to ``padded_vocab_size`` rows,
+    without building the padded whole: [V_pad / tp, h]."""
+    rows = padded_vocab_size // tp
+    start = rank * rows
+    out = t.new_zeros(rows, t.shape[1])
+    real = t[start:start + rows]
+    out[:real.shape[0]] = real
+    return out
+
+
 def shard_layer(full: StateDict, tp: int, rank: int, padded_vocab_size: int) -> StateDict:
-    """TP rank ``rank``'s tensors of one layer (the embedding zero-padded to ``padded_vocab_size`` first)."""
+    """TP rank ``rank``'s tensors of one layer (the embedding zero-padded to ``padded_vocab_size``)."""
     out = {}
     for key, t in full.items():
         if key == EMBEDDING_KEY and t.shape[0] < padded_vocab_size:
-            t = torch.cat([t, t.new_zeros(padded_vocab_size - t.shape[0], t.shape[1])])  # [V_pad, h]
+            out[key] = _vocab_rows(t, tp, rank, padded_vocab_size)
+            continue
         dim = SPLIT_DIM.get(key)
         # clone: torch.save of a view would write the whole underlying storage.
         out[key] = t.clone() if dim is None or tp == 1 else t.chunk(tp, dim=dim)[rank].clone()
@@ -213,7 +263,7 @@ def merge_layer(shards: Sequence[StateDict], vocab_size: int, where: str) -> Sta
 
 
 def write_native_checkpoint(
-    state_dict: StateDict,
+    weights: Union[StateDict, Iterable[StateDict]],
     model_cfg: ModelConfig,
     out_dir: str,
     tp: int,
@@ -225,12 +275,15 @@ def write_native_checkpoint(
 ) -> str:
     """Write a weights-only native checkpoint at TP=``tp``; returns ``out_dir/global_step{iteration}``.
 
-    ``state_dict`` is a full state dict (real vocabulary rows). ``dtype`` casts every tensor (None
-    keeps them). ``pp`` is only recorded in the configuration (layer files do not depend on it).
+    ``weights`` is a full state dict (real vocabulary rows) or ``Layers``, each layer written to its
+    TP files before the next is taken (a reader's layers are shape-checked as they are read).
+    ``dtype`` casts every tensor (None keeps them). ``pp`` is only recorded in the configuration (layer files do not depend on it).
     ``tokenizer_dir``'s tokenizer files are copied to ``out_dir/tokenizer``; ``special_tokens``
     (bos/eos/pad ids) are recorded for generation.
     """
-    check_state_dict(state_dict, model_cfg, "the given state dict")
+    if isinstance(weights, dict):
+        check_state_dict(weights, model_cfg, "the given state dict")
+        weights = layers_of(weights, model_cfg)
     check_tp(model_cfg, tp)
     cast = parse_dtype(dtype)
     tag = tag_for(iteration)
@@ -241,12 +294,19 @@ def write_native_checkpoint(
         copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
     os.makedirs(path)
     padded = model_cfg.padded_vocab_size(tp)
-    for idx in layer_indices(model_cfg):
-        full = layer_state(state_dict, model_cfg, idx)
+    indices = layer_indices(model_cfg)
+    written = 0
+    for idx, layer in zip(indices, weights):
+        full = layer_state(layer, model_cfg, idx)
+        del layer
         if cast is not None:
             full = {k: v.to(cast) for k, v in full.items()}
         for rank in range(tp):
             atomic_torch_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
+        del full
+        written += 1
+    if written != len(indices):
+        raise UserError(f"{path}: the source ended after {written} of {len(indices)} layers")
     run = RunConfig(model=dataclasses.replace(model_cfg))
     run.parallel.tensor_model_parallel_size = tp
     if pp is not None:
@@ -385,42 +445,51 @@ def _engine_state_layers(path: str, cfg: ModelConfig) -> Tuple[List[str], List[D
     return [os.path.join(path, f) for f in files], per_rank
 
 
-def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelConfig, StateDict]:
-    """Merge the TP shards of a native checkpoint (trained at any TP/PP, or converted).
+def iter_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelConfig, Layers]:
+    """The model configuration and ``Layers`` of a native checkpoint (trained at any TP/PP, or converted).
 
-    ``path`` is a checkpoint directory (``latest`` picks the tag) or a ``global_stepN`` folder.
-    Returns the model configuration and a full state dict without the padded vocabulary rows.
-    Pipeline-engine checkpoints (ZeRO 0/1, any PP, and every conversion) are read from their
-    layer files, PP=1 ZeRO-2 ones from their engine files; ZeRO-3 ones are refused (their weights
-    exist only as fp32 optimizer partitions).
+    ``path`` is a checkpoint directory (``latest`` picks the tag) or a ``global_stepN`` folder. Each
+    layer's TP shards are read and merged when the layer is taken, without the padded vocabulary
+    rows. Pipeline-engine checkpoints (ZeRO 0/1, any PP, and every conversion) are read from their
+    layer files; PP=1 ZeRO-2 ones from their engine files, which hold the whole model each, so
+    these are read whole; ZeRO-3 ones are refused (their weights exist only as fp32 optimizer
+    partitions). Missing files are reported before the first layer is read.
     """
     directory, tag = resolve_checkpoint(path, tag)
     ckpt = os.path.join(directory, tag)
     cfg = model_config_from_state(read_state(ckpt), os.path.join(ckpt, STATE_FILE))
     names = os.listdir(ckpt)
-    sd: StateDict = {}
-    sources: Dict[str, str] = {}
     if not any(LAYER_FILE_RE.match(n) for n in names) and any(MP_RANK_FILE_RE.match(n) for n in names):
         files, per_rank = _engine_state_layers(ckpt, cfg)
-        for idx in layer_indices(cfg):
-            for r, layers in enumerate(per_rank):
-                if idx not in layers:
-                    raise UserError(f"{files[r]} has no tensors of pipeline layer {idx}")
-            layer = merge_layer([layers[idx] for layers in per_rank], cfg.vocab_size, files[0])
-            layer = full_keys(cfg, idx, layer)
-            sd.update(layer)
-            sources.update({k: files[0] for k in layer})
-    elif not any(LAYER_FILE_RE.match(n) for n in names) and any(n.startswith("zero_pp_rank_") for n in names):
+
+        def engine_layers() -> Layers:
+            for idx in layer_indices(cfg):
+                for r, layers in enumerate(per_rank):
+                    if idx not in layers:
+                        raise UserError(f"{files[r]} has no tensors of pipeline layer {idx}")
+                yield full_keys(cfg, idx, merge_layer([layers.pop(idx) for layers in per_rank], cfg.vocab_size, files[0]))
+
+        return cfg, checked_layers(engine_layers(), cfg, files[0])
+    if not any(LAYER_FILE_RE.match(n) for n in names) and any(n.startswith("zero_pp_rank_") for n in names):
         raise UserError(f"{ckpt} was saved under ZeRO-3: its weights exist only as optimizer partitions, which "
                         f"this reader does not merge; train at ZeRO 0-2 to get readable checkpoints")
-    else:
-        tp = checkpoint_tp(ckpt, cfg)
+    tp = checkpoint_tp(ckpt, cfg)
+    sources = {}
+    for idx in layer_indices(cfg):
+        sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0))
+                        for k in full_keys(cfg, idx, dict.fromkeys(_SHARDING.layer_table(idx, cfg.num_layers)))})
+
+    def file_layers() -> Layers:
         for idx in layer_indices(cfg):
-            layer = full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
-            sd.update(layer)
-            sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0)) for k in layer})
-    check_state_dict(sd, cfg, sources)
-    return cfg, sd
+            yield full_keys(cfg, idx, read_layer(ckpt, cfg, idx, tp))
+
+    return cfg, checked_layers(file_layers(), cfg, sources)
+
+
+def read_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelConfig, StateDict]:
+    """``iter_native_checkpoint`` joined into one full state dict (holds the whole model)."""
+    cfg, layers = iter_native_checkpoint(path, tag)
+    return cfg, collect(layers)
 
 
 def checkpoint_special_tokens(path: str) -> Dict[str, Optional[int]]:
@@ -433,25 +502,48 @@ def model_from_state_dict(
     cfg: ModelConfig, sd: StateDict, dtype: Union[None, str, torch.dtype] = None,
     attention_impl: Optional[str] = None,
 ):
-    """A single-device model (the spec's ``build_model``) holding a full state dict (vocab padded for TP=1).
+    """A single-device model (the spec's ``build_model``) holding a full state dict (vocab padded for TP=1)."""
+    check_state_dict(sd, cfg, "the given state dict")
+    return model_from_layers(cfg, layers_of(sd, cfg), dtype, attention_impl)
 
-    Built on the meta device, so no time is spent on a random init that would be overwritten.
+
+def model_from_layers(
+    cfg: ModelConfig, layers: Iterable[StateDict], dtype: Union[None, str, torch.dtype] = None,
+    attention_impl: Optional[str] = None,
+):
+    """A single-device model (the spec's ``build_model``) filled one layer at a time from ``Layers``.
+
+    Built on the meta device (in ``dtype`` when given), so no time is spent on a random init that
+    would be overwritten, and memory holds the model plus the layer being copied in.
     """
     if attention_impl is not None:
         cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
+    cast = parse_dtype(dtype)
     with torch.device("meta"):
         model = get_model_spec().build_model(cfg)
+        if cast is not None:
+            model.to(cast)  # allocated in the target dtype: never a float32 copy of the whole model
     model.to_empty(device="cpu")
-    padded = shard_layer({EMBEDDING_KEY: sd["transformer.word_embeddings.weight"]}, 1, 0, model.padded_vocab_size)
-    full = dict(sd, **{"transformer.word_embeddings.weight": padded[EMBEDDING_KEY]})
+    params = dict(model.named_parameters())
+    filled = set()
     with torch.no_grad():
-        missing, unexpected = model.load_state_dict(full, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise UserError(f"state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for layer in layers:
+            for key, value in layer.items():
+                if key not in params:
+                    raise UserError(f"state dict does not fit the model: unexpected '{key}'")
+                target = params[key]
+                if key == "transformer.word_embeddings.weight":
+                    target[value.shape[0]:].zero_()  # rows padded for TP divisibility
+                    target = target[:value.shape[0]]
+                target.copy_(value)
+                filled.add(key)
+            del layer
+    missing = [k for k in params if k not in filled and k != "lm_head.weight"]
+    if missing:
+        raise UserError(f"state dict does not fit the model: missing {missing[:3]}")
     model.reset_derived_buffers()
-    cast = parse_dtype(dtype)
     if cast is not None:
-        model.to(cast)
+        model.to(cast)  # the derived buffers
     return model.eval()
 
 

@@ -83,10 +83,10 @@ def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int) -> Tuple[st
         from megatron_bloom.checkpoint import hf
 
         def write(out: str) -> None:
-            cfg, sd = hf.read_hf_checkpoint(src)
+            cfg, layers = hf.iter_hf_checkpoint(src)
             special = hf.special_tokens_from_hf(hf.read_config_json(src))
             tok = src if has_tokenizer_files(src) else None
-            native.write_native_checkpoint(sd, cfg, out, tp, tokenizer_dir=tok, special_tokens=special)
+            native.write_native_checkpoint(layers, cfg, out, tp, tokenizer_dir=tok, special_tokens=special)
 
         return convert_once(write, src, run_dir)
     directory, tag = native.resolve_checkpoint(src)
@@ -95,7 +95,7 @@ def pretrained_checkpoint(src: str, run_dir: Optional[str], tp: int) -> Tuple[st
         return directory, tag
 
     def write_merged(out: str) -> None:  # a PP=1 ZeRO-2 checkpoint: engine files only
-        cfg, sd = native.read_native_checkpoint(directory, tag)
-        native.write_native_checkpoint(sd, cfg, out, tp)
+        cfg, layers = native.iter_native_checkpoint(directory, tag)
+        native.write_native_checkpoint(layers, cfg, out, tp)
 
     return convert_once(write_merged, src, run_dir)

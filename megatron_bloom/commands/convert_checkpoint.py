@@ -1,6 +1,6 @@
 """Convert BLOOM checkpoints between transformers folders, our native layout and Megatron-DeepSpeed's.
 
-    python launch/convert_checkpoint.py hf-to-native --hf HF_DIR --out CKPT --tp 2 [--pp 2] [--dtype bf16]
+    python launch/convert_checkpoint.py hf-to-native --hf HF_DIR --out CKPT [--tp 2] [--pp 2] [--dtype bf16]
     python launch/convert_checkpoint.py native-to-hf --load CKPT --out HF_DIR [--tokenizer TOK] [--dtype fp16]
     python launch/convert_checkpoint.py megatron-deepspeed-to-hf --load MDS_DIR --out HF_DIR [--num-attention-heads N]
     python launch/convert_checkpoint.py megatron-deepspeed-to-native --load MDS_DIR --out CKPT --tp 4
@@ -9,12 +9,14 @@ A native checkpoint written here is weights-only: ``--load CKPT`` in launch/pret
 training from these weights with a fresh optimizer, at any TP/PP. Exported transformers folders
 hold exactly ``vocab_size`` embedding rows (rows padded for TP divisibility are dropped).
 Tokenizer files travel along: from ``--tokenizer``, else from the source (a transformers folder's
-own files, a native checkpoint's ``tokenizer/``). Errors print one ``error:`` line, exit code 2.
+own files, a native checkpoint's ``tokenizer/``); the last line says whether one was written.
+Every conversion streams: one layer is read, converted and written before the next, so memory
+holds about the largest layer (the embedding) and one output shard, not the model.
+Errors print one ``error:`` line, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cast the weights (default: keep the stored dtype)")
         p.add_argument("--tokenizer", default=None, help="tokenizer folder whose files are copied along")
         if native_out:
-            p.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the layer files")
+            p.add_argument("--tp", type=int, default=1,
+                           help="tensor-parallel size of the layer files (default 1; training reshards to any TP)")
             p.add_argument("--pp", type=int, default=None, help="pipeline size recorded in the config (files do not depend on it)")
             p.add_argument("--iteration", type=int, default=0, help="iteration of the tag global_stepN")
         else:
@@ -67,6 +70,10 @@ def _tokenizer_of(source_dir: str):
     return source_dir if source_dir and os.path.isdir(source_dir) and has_tokenizer_files(source_dir) else None
 
 
+def _tokenizer_note(tokenizer) -> str:
+    return f"tokenizer from {tokenizer}" if tokenizer else "NO tokenizer (the source has none)"
+
+
 def convert(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_bloom.checkpoint import files, hf, native
@@ -80,29 +87,28 @@ def convert(argv=None) -> int:
     special = {}
     tokenizer = args.tokenizer
     if args.command == "hf-to-native":
-        cfg, sd = hf.read_hf_checkpoint(args.hf)
-        with open(os.path.join(args.hf, "config.json"), encoding="utf-8") as fh:
-            special = hf.special_tokens_from_hf(json.load(fh))
+        cfg, layers = hf.iter_hf_checkpoint(args.hf)
+        special = hf.special_tokens_from_hf(hf.read_config_json(args.hf))
         tokenizer = tokenizer or _tokenizer_of(args.hf)
     elif args.command == "native-to-hf":
-        cfg, sd = native.read_native_checkpoint(args.load)
+        cfg, layers = native.iter_native_checkpoint(args.load)
         special = native.checkpoint_special_tokens(args.load)
         tokenizer = tokenizer or _tokenizer_of(os.path.join(args.load, native.TOKENIZER_DIR))
     else:
-        from megatron_bloom.checkpoint.megatron_deepspeed import read_megatron_deepspeed_checkpoint
+        from megatron_bloom.checkpoint.megatron_deepspeed import iter_megatron_deepspeed_checkpoint
 
-        cfg, sd, _ = read_megatron_deepspeed_checkpoint(args.load, args.num_attention_heads, args.layer_norm_epsilon)
+        cfg, layers, _ = iter_megatron_deepspeed_checkpoint(args.load, args.num_attention_heads, args.layer_norm_epsilon)
 
     if args.command.endswith("-to-native"):
-        path = native.write_native_checkpoint(sd, cfg, args.out, args.tp, iteration=args.iteration, dtype=args.dtype,
+        path = native.write_native_checkpoint(layers, cfg, args.out, args.tp, iteration=args.iteration, dtype=args.dtype,
                                               pp=args.pp, tokenizer_dir=tokenizer, special_tokens=special)
         print(f"wrote {path}: TP={args.tp}, {cfg.num_layers} blocks, {cfg.vocab_size} vocabulary rows "
-              f"padded to {cfg.padded_vocab_size(args.tp)}, weights only")
+              f"padded to {cfg.padded_vocab_size(args.tp)}, weights only, " + _tokenizer_note(tokenizer))
     else:
-        hf.write_hf_checkpoint(sd, cfg, args.out, dtype=args.dtype, tokenizer_dir=tokenizer, special_tokens=special,
+        hf.write_hf_checkpoint(layers, cfg, args.out, dtype=args.dtype, tokenizer_dir=tokenizer, special_tokens=special,
                                max_shard_bytes=parse_size(args.max_shard_size))
-        print(f"wrote {args.out}: {cfg.num_layers} blocks, {cfg.vocab_size} vocabulary rows"
-              + ("" if tokenizer is None else f", tokenizer from {tokenizer}"))
+        print(f"wrote {args.out}: {cfg.num_layers} blocks, {cfg.vocab_size} vocabulary rows, " + _tokenizer_note(tokenizer)
+              + ("" if tokenizer else "; AutoTokenizer cannot load this folder: pass --tokenizer DIR to add one"))
     return 0
 
 

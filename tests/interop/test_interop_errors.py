@@ -130,7 +130,7 @@ def test_cli_errors_are_one_line(folders, tmp_path, kind):
         (ckpt / "global_step0" / LAYER_FILE.format(idx=1, tp=0)).write_bytes(b"\x80\x02garbage")
         args, message = ["native-to-hf", "--load", ckpt, "--out", tmp_path / "o"], "layer_01-model_00-model_states.pt is corrupt"
     elif kind == "bad-flag":
-        args, message = ["hf-to-native", "--hf", folders / "hf", "--out", tmp_path / "o"], "the following arguments are required: --tp"
+        args, message = ["hf-to-native", "--hf", folders / "hf", "--out", tmp_path / "o", "--tp", "two"], "--tp: invalid int value: 'two'"
     else:
         folder, message = broken_hf(folders, tmp_path, kind)
         args = ["hf-to-native", "--hf", folder, "--out", tmp_path / "o", "--tp", 1]
