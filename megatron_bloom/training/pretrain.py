@@ -11,7 +11,7 @@ import math
 import os
 import time
 import warnings
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
 import torch.distributed as dist
 
@@ -22,6 +22,7 @@ from megatron_bloom.checkpoint import (
     load_rng,
     save_checkpoint,
 )
+from megatron_bloom.checkpoint.files import TOKENIZER_DIR, tokenizer_files
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
@@ -53,6 +54,19 @@ def layout_of(cfg: RunConfig) -> Dict[str, int]:
     p = cfg.parallel
     return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
             "dp": p.data_parallel_size, "zero": deepspeed_zero_stage(cfg)}
+
+
+def tokenizer_folder(candidates: Sequence[Optional[str]]) -> Optional[str]:
+    """The first local folder of ``candidates`` that holds tokenizer files; None for none (a Hub
+    name, a checkpoint without ``tokenizer/``): a run without a local tokenizer saves none."""
+    for folder in candidates:
+        if folder and os.path.isdir(folder):
+            try:
+                tokenizer_files(folder)
+            except UserError:
+                continue
+            return folder
+    return None
 
 
 def log0(message: str) -> None:
@@ -129,11 +143,20 @@ class Trainer:
             self._load(load_dir)
 
         # Every evaluation reads the same first eval_iters global batches of each validation group.
+        # --eval-iters 0 is Megatron's "no evaluation": no validation group, so none is evaluated
+        # (periodically or at the end). With eval_interval past the last iteration, only the final
+        # evaluation runs, as in Megatron-DeepSpeed.
         self.train_ds, self.valid_ds = self._build_datasets(
             self._total_train_samples(), cfg.logging.eval_iters * t.global_batch_size
         )
+        if cfg.logging.eval_iters == 0:
+            if self.valid_ds:
+                log0("> --eval-iters 0: no evaluation")
+            self.valid_ds = {}
         if self.rank == 0 and cfg.checkpoint.save:
             save_resolved_config(cfg, cfg.checkpoint.save)
+        # Written into <save>/tokenizer by the first save of this process (a no-op when there already).
+        self.tokenizer_to_save = tokenizer_folder(self._tokenizer_sources())
 
         self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
                                        train_iters=total_train_iters(t, p.data_parallel_size),
@@ -148,6 +171,12 @@ class Trainer:
         if self.cfg.checkpoint.load and info is None:
             log0(f"WARNING: --load {self.cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
         return info
+
+    def _tokenizer_sources(self) -> List[Optional[str]]:
+        """Where the run's tokenizer may be, first first: --tokenizer-name-or-path, then the
+        ``tokenizer/`` folder of the checkpoint started from (see ``tokenizer_folder``)."""
+        resumed = os.path.join(self.resume.directory, TOKENIZER_DIR) if self.resume is not None else None
+        return [self.cfg.data.tokenizer_name_or_path, resumed]
 
     def _build_datasets(self, train_samples: int, valid_samples: int):
         """(train dataset, {validation group: dataset}); indexed by global sample number."""
@@ -264,8 +293,11 @@ class Trainer:
             return
         start = time.time()
         path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k,
-                               client_state=self.megatron_state())
-        log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
+                               client_state=self.megatron_state(), tokenizer_dir=self.tokenizer_to_save)
+        log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s"
+             + (f" (tokenizer files of {self.tokenizer_to_save} in {os.path.join(c.save, TOKENIZER_DIR)})"
+                if self.tokenizer_to_save else ""))
+        self.tokenizer_to_save = None  # copied once per process
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -297,6 +329,8 @@ class Trainer:
                                                     gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
         finally:
             read.close()
+        if not losses:  # unreachable: --eval-iters 0 leaves no validation group (see __init__)
+            raise RuntimeError(f"evaluated no batch of validation group {name!r}")
         return sum(losses) / len(losses)
 
     def evaluate(self) -> Dict[str, float]:
