@@ -6,7 +6,7 @@ Three 1-process runs of 2 steps on the session corpus (~1 min with the exports):
 * pretraining with --tokenizer-name-or-path, --split 100,0,0 and --eval-iters 0 (no validation
   data, none asked for);
 * finetuning from the transformers export of that run (no tokenizer flag: the folder's own), with
-  --eval-iters 0 and --eval-interval 1 (no evaluation in the loop nor at the end);
+  --split 100,0,0, --eval-iters 0 and --eval-interval 1 (no evaluation in the loop nor at the end);
 * finetuning from the native pretraining checkpoint (its ``tokenizer/``), with --eval-interval
   past the run: one evaluation, at the end, as Megatron-DeepSpeed runs it.
 
@@ -59,11 +59,12 @@ def runs(corpus, tmp_path_factory):
                       "--split", "100,0,0", "--eval-iters", "0", "--lr-warmup-iters", "0", "--save", str(root / "pre"),
                       "--save-interval", "1"))
     run_tool("launch/convert_checkpoint.py", "native-to-hf", "--load", str(root / "pre"), "--out", str(root / "pre_hf"))
-    finetune = [*ITERS, "--data-path", str(root / "xp3"), "--split", "80,20,0", "--seq-length", "32"]
-    from_hf = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre_hf"), "--eval-iters", "0",
-                                           "--eval-interval", "1", "--save", str(root / "ft_hf")]))
-    from_native = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre"), "--eval-iters", "1",
-                                               "--eval-interval", "100", "--save", str(root / "ft_native")]))
+    finetune = [*ITERS, "--data-path", str(root / "xp3"), "--seq-length", "32"]
+    from_hf = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre_hf"), "--split", "100,0,0",
+                                           "--eval-iters", "0", "--eval-interval", "1", "--save", str(root / "ft_hf")]))
+    from_native = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre"), "--split", "80,20,0",
+                                               "--eval-iters", "1", "--eval-interval", "100",
+                                               "--save", str(root / "ft_native")]))
     return {"root": root, "pre": pre, "from_hf": from_hf, "from_native": from_native, "tok": corpus["tokenizer"]}
 
 
