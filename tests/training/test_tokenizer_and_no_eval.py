@@ -3,10 +3,10 @@ in transformers; and --eval-iters 0 means no evaluation, in pretraining and fine
 
 Three 1-process runs of 2 steps on the session corpus (~1 min with the exports):
 
-* pretraining with --tokenizer-name-or-path, --split 100,0,0 and --eval-iters 0 (no validation
-  data, none asked for);
+* pretraining with --tokenizer-name-or-path, a --valid-weighted-split-paths group, --eval-iters 0
+  and --eval-interval 1 (no evaluation in the loop nor at the end);
 * finetuning from the transformers export of that run (no tokenizer flag: the folder's own), with
-  --split 100,0,0, --eval-iters 0 and --eval-interval 1 (no evaluation in the loop nor at the end);
+  a --split validation part, --eval-iters 0 and --eval-interval 1 (the same);
 * finetuning from the native pretraining checkpoint (its ``tokenizer/``), with --eval-interval
   past the run: one evaluation, at the end, as Megatron-DeepSpeed runs it.
 
@@ -55,12 +55,14 @@ def runs(corpus, tmp_path_factory):
                              for w in ("one", "two", "three", "four", "five", "six", "seven", "eight") * 5))
     run_tool("data_tools/preprocess_xp3.py", "--input", str(pairs), "--output-prefix", str(root / "xp3"),
              "--tokenizer-name-or-path", corpus["tokenizer"])
-    pre = ok(pretrain(1, *ITERS, "--data-path", corpus["data_path"], "--tokenizer-name-or-path", corpus["tokenizer"],
-                      "--split", "100,0,0", "--eval-iters", "0", "--lr-warmup-iters", "0", "--save", str(root / "pre"),
-                      "--save-interval", "1"))
+    data = corpus["data_path"]
+    pre = ok(pretrain(1, *ITERS, "--train-weighted-split-paths", f"train: 1 0:0.9 {data}",
+                      "--valid-weighted-split-paths", f"valid: 1 0.9:1 {data}", "--eval-iters", "0",
+                      "--eval-interval", "1", "--tokenizer-name-or-path", corpus["tokenizer"],
+                      "--lr-warmup-iters", "0", "--save", str(root / "pre"), "--save-interval", "1"))
     run_tool("launch/convert_checkpoint.py", "native-to-hf", "--load", str(root / "pre"), "--out", str(root / "pre_hf"))
     finetune = [*ITERS, "--data-path", str(root / "xp3"), "--seq-length", "32"]
-    from_hf = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre_hf"), "--split", "100,0,0",
+    from_hf = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre_hf"), "--split", "80,20,0",
                                            "--eval-iters", "0", "--eval-interval", "1", "--save", str(root / "ft_hf")]))
     from_native = ok(launch("finetune.py", 1, [*finetune, "--pretrained", str(root / "pre"), "--split", "80,20,0",
                                                "--eval-iters", "1", "--eval-interval", "100",
@@ -93,8 +95,13 @@ def test_every_start_mode_saves_the_tokenizer_and_exports_a_loadable_folder(runs
 
 
 def test_the_tokenizer_is_copied_once(runs):
-    # --save-interval 1 and 2 steps: two saves, the tokenizer written by the first only.
+    # --save-interval 1 and 2 steps: two saves, the tokenizer written by the first only (before
+    # that save completed), not again by the second.
+    pre = runs["root"] / "pre"
     assert runs["pre"].count("tokenizer files of") == 1
+    assert (pre / "global_step2" / "complete").exists()
+    written = os.stat(pre / "tokenizer" / "tokenizer.json").st_mtime_ns
+    assert written <= os.stat(pre / "global_step1" / "complete").st_mtime_ns
 
 
 def test_tokenizer_files_are_written_once_and_only_from_a_tokenizer_folder(corpus, tmp_path):
