@@ -3,6 +3,11 @@
 One command serves the first run and every requeue: ``--load`` pointing at an empty directory
 starts from scratch; otherwise the newest complete checkpoint is resumed, at the saved layout
 (bitwise) or at another one (through a universal checkpoint, converted automatically once).
+
+Evaluation: every ``eval_interval`` iterations and once at the end (unless the last iteration
+just evaluated), ``eval_iters`` batches of each validation group; ``--eval-iters 0`` is none at
+all. Every save carries the run's tokenizer in ``<save>/tokenizer`` (``_tokenizer_sources``), so
+``convert_checkpoint.py native-to-hf`` gives a folder transformers loads whole.
 """
 from __future__ import annotations
 
