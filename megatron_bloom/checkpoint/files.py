@@ -20,7 +20,7 @@ import filecmp
 import os
 import re
 import shutil
-from typing import Any, List
+from typing import Any, List, Optional, Sequence
 
 from megatron_bloom.atomic import atomic_write, atomic_write_text  # noqa: F401 - the checkpoint's writers
 from megatron_bloom.errors import UserError
@@ -101,6 +101,19 @@ def copy_tokenizer_files(src: str, dst: str) -> List[str]:
     for n in names:
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
     return names
+
+
+def first_tokenizer_folder(candidates: Sequence[Optional[str]]) -> Optional[str]:
+    """The first of ``candidates`` that is a local folder holding tokenizer files; None when none
+    is (not given, a Hub name, a checkpoint without ``tokenizer/``)."""
+    for folder in candidates:
+        if folder and os.path.isdir(folder):
+            try:
+                tokenizer_files(folder)
+            except UserError:
+                continue
+            return folder
+    return None
 
 
 def save_tokenizer_files(src: str, checkpoint_dir: str) -> bool:

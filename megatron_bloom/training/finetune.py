@@ -35,6 +35,7 @@ import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from megatron_bloom.checkpoint.files import first_tokenizer_folder
 from megatron_bloom.checkpoint.pretrained import pretrained_checkpoint, pretrained_model_config
 from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.config.loader import explicit_keys
@@ -43,7 +44,7 @@ from megatron_bloom.errors import UserError
 from megatron_bloom.monitoring.group_loss import GroupLossMeter
 from megatron_bloom.training.data import finetune_micro_batches
 from megatron_bloom.training.losses import FinetuningLoss
-from megatron_bloom.training.pretrain import Trainer, log0, tokenizer_folder
+from megatron_bloom.training.pretrain import Trainer, log0
 
 FINETUNE_DEFAULTS: Dict[str, Dict[str, object]] = {
     "training": {
@@ -225,7 +226,7 @@ class FinetuneTrainer(Trainer):
             log0("> " + line)
         f = self.cfg.finetune
         # --tokenizer-name-or-path (maybe a Hub name), else the tokenizer every save carries.
-        tokenizer = self.cfg.data.tokenizer_name_or_path or tokenizer_folder(self._tokenizer_sources())
+        tokenizer = self.cfg.data.tokenizer_name_or_path or first_tokenizer_folder(self._tokenizer_sources())
         self.eod_id = eod_id_of([train, *valid.values()], tokenizer) if f.eod_mask_loss else None
         log0(f"> loss: {loss_description(f, self.eod_id)}")
         return train, valid

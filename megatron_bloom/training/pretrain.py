@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -27,7 +27,7 @@ from megatron_bloom.checkpoint import (
     load_rng,
     save_checkpoint,
 )
-from megatron_bloom.checkpoint.files import TOKENIZER_DIR, tokenizer_files
+from megatron_bloom.checkpoint.files import TOKENIZER_DIR, first_tokenizer_folder
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
@@ -59,19 +59,6 @@ def layout_of(cfg: RunConfig) -> Dict[str, int]:
     p = cfg.parallel
     return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
             "dp": p.data_parallel_size, "zero": deepspeed_zero_stage(cfg)}
-
-
-def tokenizer_folder(candidates: Sequence[Optional[str]]) -> Optional[str]:
-    """The first local folder of ``candidates`` that holds tokenizer files; None for none (a Hub
-    name, a checkpoint without ``tokenizer/``): a run without a local tokenizer saves none."""
-    for folder in candidates:
-        if folder and os.path.isdir(folder):
-            try:
-                tokenizer_files(folder)
-            except UserError:
-                continue
-            return folder
-    return None
 
 
 def log0(message: str) -> None:
@@ -161,7 +148,7 @@ class Trainer:
         if self.rank == 0 and cfg.checkpoint.save:
             save_resolved_config(cfg, cfg.checkpoint.save)
         # Written into <save>/tokenizer by the first save of this process (a no-op when there already).
-        self.tokenizer_to_save = tokenizer_folder(self._tokenizer_sources())
+        self.tokenizer_to_save = first_tokenizer_folder(self._tokenizer_sources())
 
         self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
                                        train_iters=total_train_iters(t, p.data_parallel_size),
@@ -178,8 +165,8 @@ class Trainer:
         return info
 
     def _tokenizer_sources(self) -> List[Optional[str]]:
-        """Where the run's tokenizer may be, first first: --tokenizer-name-or-path, then the
-        ``tokenizer/`` folder of the checkpoint started from (see ``tokenizer_folder``)."""
+        """Where the run's tokenizer may be, in order (the first local tokenizer folder wins):
+        --tokenizer-name-or-path, then the ``tokenizer/`` folder of the checkpoint started from."""
         resumed = os.path.join(self.resume.directory, TOKENIZER_DIR) if self.resume is not None else None
         return [self.cfg.data.tokenizer_name_or_path, resumed]
 

@@ -105,8 +105,7 @@ def test_the_tokenizer_is_copied_once(runs):
 
 
 def test_tokenizer_files_are_written_once_and_only_from_a_tokenizer_folder(corpus, tmp_path):
-    from megatron_bloom.checkpoint.files import save_tokenizer_files
-    from megatron_bloom.training.pretrain import tokenizer_folder
+    from megatron_bloom.checkpoint.files import first_tokenizer_folder, save_tokenizer_files
 
     tok = corpus["tokenizer"]
     assert save_tokenizer_files(tok, str(tmp_path)) is True
@@ -114,5 +113,5 @@ def test_tokenizer_files_are_written_once_and_only_from_a_tokenizer_folder(corpu
     assert save_tokenizer_files(tok, str(tmp_path)) is False  # identical: nothing rewritten
     assert os.stat(tmp_path / "tokenizer" / "tokenizer.json").st_ino == inode
     # No local tokenizer (none given, a Hub name, a checkpoint without tokenizer/): none is saved.
-    assert tokenizer_folder([None, "bigscience/bloom", str(tmp_path / "nowhere"), str(tmp_path)]) is None
-    assert tokenizer_folder([None, str(tmp_path / "tokenizer"), tok]) == str(tmp_path / "tokenizer")
+    assert first_tokenizer_folder([None, "bigscience/bloom", str(tmp_path / "nowhere"), str(tmp_path)]) is None
+    assert first_tokenizer_folder([None, str(tmp_path / "tokenizer"), tok]) == str(tmp_path / "tokenizer")
