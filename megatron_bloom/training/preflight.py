@@ -23,7 +23,6 @@ srun --kill-on-bad-exit) then stops the others.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import List, Tuple
@@ -92,9 +91,9 @@ def check_data(cfg: RunConfig, finetune: bool = False) -> None:
                 )
 
 
-def _valid_ranges(cfg: RunConfig) -> List[Tuple[str, str, float, float]]:
-    """(where, prefix, start, end) of every validation part the run evaluates: fractions of its
-    documents (pairs), as training.data.build_datasets and data.finetune cut them."""
+def _validation_parts(cfg: RunConfig) -> list:
+    """(where, prefix, WeightedSplitEntry or None for --split) of every validation part the run
+    evaluates, as training.data.build_datasets and data.finetune cut them."""
     from megatron_bloom.data.blends import parse_data_path, parse_weighted_split_paths
     from megatron_bloom.data.mixtures import weighted_split_paths
 
@@ -103,13 +102,11 @@ def _valid_ranges(cfg: RunConfig) -> List[Tuple[str, str, float, float]]:
     try:
         if train_groups:  # validation groups are read only along with a train group
             groups = parse_weighted_split_paths(valid_groups, "--valid-weighted-split-paths") if valid_groups else []
-            return [(f"validation group {g.name!r}", e.prefix, e.start, e.end) for g in groups for e in g.entries]
-        if not d.data_path:
-            return []
-        prefixes, _ = parse_data_path(d.data_path)
+            return [(f"validation group {g.name!r}", e.prefix, e) for g in groups for e in g.entries]
+        prefixes = parse_data_path(d.data_path)[0] if d.data_path else []
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    return [(f"--split {d.split}", p, math.nan, math.nan) for p in prefixes]
+    return [(f"--split {d.split}", p, None) for p in prefixes]
 
 
 def check_validation(cfg: RunConfig, finetune: bool = False) -> None:
@@ -129,22 +126,22 @@ def check_validation(cfg: RunConfig, finetune: bool = False) -> None:
         return
     fix = f"or pass --eval-iters 0 for no evaluation (--eval-iters {iters} asks for {iters} batch(es) per evaluation)"
     unit = "pairs" if finetune else "documents"
-    for where, prefix, start, end in _valid_ranges(cfg):
+    for where, prefix, entry in _validation_parts(cfg):
         if finetune:
             pairs = open_pairs(prefix)
             sizes = pairs.input_sizes + pairs.target_sizes
         else:
             sizes = MMapIndexedDataset(prefix).sizes
         n = len(sizes)
-        if math.isnan(start):  # --data-path with --split
+        if entry is None:
             if parse_split(cfg.data.split)[1] == 0:
                 raise UserError(f"--split {cfg.data.split} gives validation no weight; give it a share "
                                 f"(e.g. --split 969,30,1), {fix}")
-            b = split_boundaries(cfg.data.split, n)
-            first, last, widen = b[1], b[2], "give validation a larger share of --split"
+            first, last = split_boundaries(cfg.data.split, n)[1:3]
+            widen = "give validation a larger share of --split"
         else:
-            first, last = int(round(start * n)), int(round(end * n))  # WeightedSplitEntry.document_range
-            widen = f"widen the range {start:g}:{end:g}"
+            first, last = entry.document_range(n)
+            widen = f"widen the range {entry.start:g}:{entry.end:g}"
         if last <= first:
             raise UserError(f"{where}: no validation {unit} in {prefix} ({n} {unit} in all); {widen}, {fix}")
         if int(sizes[first:last].sum()) == 0:
