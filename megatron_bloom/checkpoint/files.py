@@ -4,7 +4,7 @@ Every checkpoint module (training saves, weights-only conversions, readers of or
 Megatron-DeepSpeed checkpoints) takes its file names from here, so a name is spelled once::
 
     <dir>/latest                                  LATEST: the tag of the newest complete checkpoint
-    <dir>/tokenizer/                              TOKENIZER_DIR: tokenizer files of a conversion
+    <dir>/tokenizer/                              TOKENIZER_DIR: the run's tokenizer files (a conversion's, a training run's)
     <dir>/global_step12/                          tag_for(12), matched by TAG_RE
         layer_XX-model_YY-model_states.pt         layer_file(XX, YY), matched by LAYER_FILE_RE
         mp_rank_YY_model_states.pt                mp_rank_file(YY), matched by MP_RANK_FILE_RE
@@ -16,10 +16,11 @@ This module imports neither ``native`` nor ``hf``, so both import it without a c
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
-from typing import Any, List
+from typing import Any, List, Optional, Sequence
 
 from megatron_bloom.atomic import atomic_write, atomic_write_text  # noqa: F401 - the checkpoint's writers
 from megatron_bloom.errors import UserError
@@ -29,7 +30,7 @@ COMPLETE = "complete"
 STATE_FILE = "megatron_bloom.pt"
 RNG_DIR = "rng"
 TOKENIZER_DIR = "tokenizer"
-"""Sub-folder of a converted checkpoint holding the tokenizer files it came with (optional)."""
+"""Sub-folder of a checkpoint folder holding the tokenizer files it came with (optional)."""
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 LAYER_FILE = "layer_{idx:02d}-model_{tp:02d}-model_states.pt"
@@ -100,3 +101,41 @@ def copy_tokenizer_files(src: str, dst: str) -> List[str]:
     for n in names:
         shutil.copyfile(os.path.join(src, n), os.path.join(dst, n))
     return names
+
+
+def first_tokenizer_folder(candidates: Sequence[Optional[str]]) -> Optional[str]:
+    """The first of ``candidates`` that is a local folder holding tokenizer files; None when none
+    is (not given, a Hub name, a checkpoint without ``tokenizer/``)."""
+    for folder in candidates:
+        if folder and os.path.isdir(folder):
+            try:
+                tokenizer_files(folder)
+            except UserError:
+                continue
+            return folder
+    return None
+
+
+def save_tokenizer_files(src: str, checkpoint_dir: str) -> bool:
+    """``src``'s tokenizer files as ``<checkpoint_dir>/tokenizer``, unless it holds exactly them already.
+
+    Returns whether anything was written. The files are copied into a temporary folder that is
+    then renamed into place, so a reader sees a whole tokenizer or none (a different one already
+    there is moved aside just before the rename, then deleted).
+    """
+    names = tokenizer_files(src)
+    dst = os.path.join(checkpoint_dir, TOKENIZER_DIR)
+    if os.path.isdir(dst) and sorted(os.listdir(dst)) == names and all(
+            filecmp.cmp(os.path.join(src, n), os.path.join(dst, n), shallow=False) for n in names):
+        return False
+    tmp, old = f"{dst}.tmp.{os.getpid()}", f"{dst}.old.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        copy_tokenizer_files(src, tmp)
+        if os.path.isdir(dst):
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return True

@@ -48,6 +48,7 @@ from megatron_bloom.checkpoint.files import (
     atomic_write_text,
     mp_rank_file,
     rng_file,
+    save_tokenizer_files,
     tag_for,
 )
 from megatron_bloom.checkpoint.megatron_args import megatron_enums_importable, trainer_state_from_megatron
@@ -180,10 +181,12 @@ def set_rng_state(state: Dict[str, Any], tracker=None) -> None:
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[str, Any], keep_last_k: Optional[int],
-                    client_state: Optional[Dict[str, Any]] = None) -> str:
+                    client_state: Optional[Dict[str, Any]] = None, tokenizer_dir: Optional[str] = None) -> str:
     """Save on every rank; returns the checkpoint path. Collective: every rank must call it.
 
     ``client_state`` goes into DeepSpeed's engine files (Megatron-DeepSpeed's args and counters).
+    ``tokenizer_dir``'s tokenizer files go to ``<save_dir>/tokenizer`` (rank 0, before the
+    weights; nothing is written when that folder holds them already).
 
     Raises the same ``UserError`` on every rank when a write fails on any of them; the previous
     checkpoint is then untouched and still named by ``latest``.
@@ -192,7 +195,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[s
     path = os.path.join(save_dir, tag)
     rank = dist.get_rank()
     hook = _SaveHook.from_env(iteration, rank)
-    failure = _attempt(lambda: _prepare_folder(save_dir, tag), save_dir) if rank == 0 else None
+    failure = _attempt(lambda: _prepare_folder(save_dir, tag, tokenizer_dir), save_dir) if rank == 0 else None
     _agree(failure, save_dir, tag)
     try:
         with hook.inject_fault(), megatron_enums_importable():
@@ -212,8 +215,10 @@ def save_checkpoint(engine, save_dir: str, iteration: int, trainer_state: Dict[s
     return path
 
 
-def _prepare_folder(save_dir: str, tag: str) -> None:
+def _prepare_folder(save_dir: str, tag: str, tokenizer_dir: Optional[str] = None) -> None:
     path = os.path.join(save_dir, tag)
+    if tokenizer_dir:
+        save_tokenizer_files(tokenizer_dir, save_dir)
     if os.path.isdir(path) and _read_latest(save_dir) != tag:
         # A leftover of a save that never completed (killed, disk full): start from an empty
         # folder so that no file of that attempt (maybe at another layout) sits beside the new ones.

@@ -4,7 +4,8 @@
         --pretrained PRETRAINED --data-path data/xp3 --save ckpt --load ckpt
 
 Takes the pretraining flags (``--help`` lists them) plus ``--pretrained`` (a native checkpoint at
-any layout, or a transformers BLOOM folder, converted once into ``<save>/pretrained``),
+any layout, or a transformers BLOOM folder, converted once into ``<save>/pretrained``; its
+tokenizer, unless ``--tokenizer-name-or-path`` names one, is the one every save carries in ``<save>/tokenizer``),
 ``--overlong truncate|skip`` and the loss flags of Megatron-DeepSpeed's finetune_t0.py:
 ``--norm-target-loss``, ``--eod-mask-loss``, ``--loss-on-targets-only`` (always the case) and
 ``--loss-normalization micro-batch|global-batch`` (per micro-batch means as finetune_t0.py by default,

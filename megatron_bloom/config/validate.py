@@ -213,6 +213,9 @@ def validate_config(cfg: RunConfig, world_size: int, for_training: bool = True) 
     _check_finetune_loss(cfg)
     if cfg.logging.log_interval < 1 or cfg.logging.eval_interval < 1:
         raise UserError("log_interval and eval_interval must be >= 1")
+    if cfg.logging.eval_iters < 0:
+        raise UserError(f"eval_iters={cfg.logging.eval_iters} is negative; give the batches per evaluation, "
+                        f"or --eval-iters 0 for no evaluation")
     if for_training:
         for flag, path in (("--save", cfg.checkpoint.save), ("--tensorboard-dir", cfg.logging.tensorboard_dir)):
             problem = output_dir_problem(path) if path else None

@@ -51,7 +51,7 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
             (group,) = parse_weighted_split_paths(train_groups, "--train-weighted-split-paths")
             train = build_group_dataset(group, train_samples, opts, split_name="train")
             valid = {}
-            if valid_groups:
+            if valid_groups and valid_samples > 0:  # 0: --eval-iters 0, no evaluation
                 groups = parse_weighted_split_paths(valid_groups, "--valid-weighted-split-paths")
                 valid = build_valid_group_datasets(groups, valid_samples, opts)
             return train, valid

@@ -31,9 +31,11 @@ Same loop, checkpoints, stops and monitoring as pretraining (``Trainer``), with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from megatron_bloom.checkpoint.files import first_tokenizer_folder
 from megatron_bloom.checkpoint.pretrained import pretrained_checkpoint, pretrained_model_config
 from megatron_bloom.config import RunConfig, parse_config, validate_config
 from megatron_bloom.config.loader import explicit_keys
@@ -137,14 +139,6 @@ def eod_id_of(datasets: Sequence, tokenizer: Optional[str] = None) -> int:
     return int(known[0])
 
 
-def _tokenizer_source(cfg: RunConfig) -> Optional[str]:
-    """--tokenizer-name-or-path, else a --pretrained folder that holds a tokenizer.json."""
-    if cfg.data.tokenizer_name_or_path:
-        return cfg.data.tokenizer_name_or_path
-    src = cfg.finetune.pretrained
-    return src if src and os.path.isfile(os.path.join(src, "tokenizer.json")) else None
-
-
 def loss_description(f, eod_id: Optional[int]) -> str:
     """One line saying what the finetuning loss averages, for the start-up log."""
     if f.loss_normalization == "global-batch":
@@ -198,6 +192,22 @@ class FinetuneTrainer(Trainer):
         log0(f"> finetuning from --pretrained {src} ({os.path.join(directory, tag)})")
         return CheckpointInfo(directory, tag, state)
 
+    def _tokenizer_sources(self) -> List[Optional[str]]:
+        """--tokenizer-name-or-path, then --pretrained's tokenizer (a transformers folder's own
+        files, a native checkpoint's ``tokenizer/``), then the checkpoint started from."""
+        from megatron_bloom.checkpoint.files import TOKENIZER_DIR
+        from megatron_bloom.checkpoint.native import resolve_checkpoint
+        from megatron_bloom.checkpoint.pretrained import is_transformers_folder
+
+        flag, *rest = super()._tokenizer_sources()
+        src = self.cfg.finetune.pretrained
+        if src and os.path.isdir(src) and not is_transformers_folder(src):
+            try:
+                src = os.path.join(resolve_checkpoint(src)[0], TOKENIZER_DIR)
+            except UserError:  # not a native checkpoint: it carries no tokenizer
+                src = None
+        return [flag, src, *rest]
+
     def trainer_state(self) -> dict:
         state = super().trainer_state()
         state["finetune"] = {"pretrained": self.pretrained_source or (self.resume.state.get("finetune", {}).get(
@@ -207,11 +217,17 @@ class FinetuneTrainer(Trainer):
     # ---- data --------------------------------------------------------------------------------
 
     def _build_datasets(self, train_samples: int, valid_samples: int):
-        train, valid, self.names, report = build_finetune_datasets(self.cfg, train_samples, valid_samples)
+        cfg = self.cfg
+        if valid_samples == 0:  # --eval-iters 0: no evaluation, so no validation group is read
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, valid_weighted_split_paths=None, valid_weighted_split_paths_path=None))
+        train, valid, self.names, report = build_finetune_datasets(cfg, train_samples, valid_samples)
         for line in report:
             log0("> " + line)
         f = self.cfg.finetune
-        self.eod_id = eod_id_of([train, *valid.values()], _tokenizer_source(self.cfg)) if f.eod_mask_loss else None
+        # --tokenizer-name-or-path (maybe a Hub name), else the tokenizer every save carries.
+        tokenizer = self.cfg.data.tokenizer_name_or_path or first_tokenizer_folder(self._tokenizer_sources())
+        self.eod_id = eod_id_of([train, *valid.values()], tokenizer) if f.eod_mask_loss else None
         log0(f"> loss: {loss_description(f, self.eod_id)}")
         return train, valid
 

@@ -8,6 +8,8 @@ batch. Every check is cheap whatever the corpus or model size:
 * a local ``--tokenizer-name-or-path`` loads and has no more tokens than the model's vocabulary
   (a Hub name is not looked up: no network at start-up);
 * every data prefix opens (header, and .bin size against the .idx: no data is read);
+* every validation part holds documents (pairs) with tokens, unless ``--eval-iters 0`` asks for
+  no evaluation (see ``check_validation``);
 * its largest token id is below the model's ``vocab_size``: read from the ``PREFIX.tokens.json``
   sidecar the preprocessing tools write, or, for data from other tools, from a scan of the
   memory-mapped .bin when it is at most ``SCAN_LIMIT_BYTES`` (see indexed_dataset.py); larger
@@ -89,6 +91,63 @@ def check_data(cfg: RunConfig, finetune: bool = False) -> None:
                 )
 
 
+def _validation_parts(cfg: RunConfig) -> list:
+    """(where, prefix, WeightedSplitEntry or None for --split) of every validation part the run
+    evaluates, as training.data.build_datasets and data.finetune cut them."""
+    from megatron_bloom.data.blends import parse_data_path, parse_weighted_split_paths
+    from megatron_bloom.data.mixtures import weighted_split_paths
+
+    d = cfg.data
+    train_groups, valid_groups = weighted_split_paths(cfg)
+    try:
+        if train_groups:  # validation groups are read only along with a train group
+            groups = parse_weighted_split_paths(valid_groups, "--valid-weighted-split-paths") if valid_groups else []
+            return [(f"validation group {g.name!r}", e.prefix, e) for g in groups for e in g.entries]
+        prefixes = parse_data_path(d.data_path)[0] if d.data_path else []
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    return [(f"--split {d.split}", p, None) for p in prefixes]
+
+
+def check_validation(cfg: RunConfig, finetune: bool = False) -> None:
+    """Every validation part holds documents (pairs) and tokens, unless --eval-iters 0 asks for no evaluation.
+
+    Evaluation reads ``eval_iters`` batches of each validation group; a part left empty (a --split
+    whose validation weight is 0 or rounds to no document, a range that holds no document, files
+    of empty documents) would otherwise mean no evaluation at all, or a failure after the engine is
+    built. Only sizes are read (the .idx files).
+    """
+    from megatron_bloom.data.gpt_dataset import parse_split, split_boundaries
+    from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
+    from megatron_bloom.data.mtf import open_pairs
+
+    iters = cfg.logging.eval_iters
+    if iters == 0:
+        return
+    fix = f"or pass --eval-iters 0 for no evaluation (--eval-iters {iters} asks for {iters} batch(es) per evaluation)"
+    unit = "pairs" if finetune else "documents"
+    for where, prefix, entry in _validation_parts(cfg):
+        if finetune:
+            pairs = open_pairs(prefix)
+            sizes = pairs.input_sizes + pairs.target_sizes
+        else:
+            sizes = MMapIndexedDataset(prefix).sizes
+        n = len(sizes)
+        if entry is None:
+            if parse_split(cfg.data.split)[1] == 0:
+                raise UserError(f"--split {cfg.data.split} gives validation no weight; give it a share "
+                                f"(e.g. --split 969,30,1), {fix}")
+            first, last = split_boundaries(cfg.data.split, n)[1:3]
+            widen = "give validation a larger share of --split"
+        else:
+            first, last = entry.document_range(n)
+            widen = f"widen the range {entry.start:g}:{entry.end:g}"
+        if last <= first:
+            raise UserError(f"{where}: no validation {unit} in {prefix} ({n} {unit} in all); {widen}, {fix}")
+        if int(sizes[first:last].sum()) == 0:
+            raise UserError(f"{where}: the validation {unit} [{first}, {last}) of {prefix} hold no tokens; {widen}, {fix}")
+
+
 def check_tokenizer(cfg: RunConfig) -> None:
     """A local --tokenizer-name-or-path loads and fits in the model's vocabulary."""
     from megatron_bloom.data.tokenizer import TokenizerLoadError, load_tokenizer, looks_like_hub_id
@@ -155,4 +214,5 @@ def check_training_inputs(cfg: RunConfig, data: bool = True, finetune: bool = Fa
     check_tokenizer(cfg)  # first: "the tokenizer is larger than the model" says more than a token id
     if data:
         check_data(cfg, finetune)
+        check_validation(cfg, finetune)
     check_checkpoints(cfg)

@@ -3,6 +3,11 @@
 One command serves the first run and every requeue: ``--load`` pointing at an empty directory
 starts from scratch; otherwise the newest complete checkpoint is resumed, at the saved layout
 (bitwise) or at another one (through a universal checkpoint, converted automatically once).
+
+Evaluation: every ``eval_interval`` iterations and once at the end (unless the last iteration
+just evaluated), ``eval_iters`` batches of each validation group; ``--eval-iters 0`` is none at
+all. Every save carries the run's tokenizer in ``<save>/tokenizer`` (``_tokenizer_sources``), so
+``convert_checkpoint.py native-to-hf`` gives a folder transformers loads whole.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -22,6 +27,7 @@ from megatron_bloom.checkpoint import (
     load_rng,
     save_checkpoint,
 )
+from megatron_bloom.checkpoint.files import TOKENIZER_DIR, first_tokenizer_folder
 from megatron_bloom.errors import UserError
 from megatron_bloom.config import RunConfig, config_to_dict, save_resolved_config
 from megatron_bloom.distributed import init_distributed, set_seed
@@ -129,11 +135,20 @@ class Trainer:
             self._load(load_dir)
 
         # Every evaluation reads the same first eval_iters global batches of each validation group.
+        # --eval-iters 0 is Megatron's "no evaluation": no validation group, so none is evaluated
+        # (periodically or at the end). With eval_interval past the last iteration, only the final
+        # evaluation runs, as in Megatron-DeepSpeed.
         self.train_ds, self.valid_ds = self._build_datasets(
             self._total_train_samples(), cfg.logging.eval_iters * t.global_batch_size
         )
+        if cfg.logging.eval_iters == 0:
+            if self.valid_ds:
+                log0("> --eval-iters 0: no evaluation")
+            self.valid_ds = {}
         if self.rank == 0 and cfg.checkpoint.save:
             save_resolved_config(cfg, cfg.checkpoint.save)
+        # Written into <save>/tokenizer by the first save of this process (a no-op when there already).
+        self.tokenizer_to_save = first_tokenizer_folder(self._tokenizer_sources())
 
         self.monitor = TrainingMonitor(cfg, is_logging_rank=self.rank == 0, world_size=self.world,
                                        train_iters=total_train_iters(t, p.data_parallel_size),
@@ -148,6 +163,12 @@ class Trainer:
         if self.cfg.checkpoint.load and info is None:
             log0(f"WARNING: --load {self.cfg.checkpoint.load}: no checkpoint there yet; starting from scratch")
         return info
+
+    def _tokenizer_sources(self) -> List[Optional[str]]:
+        """Where the run's tokenizer may be, in order (the first local tokenizer folder wins):
+        --tokenizer-name-or-path, then the ``tokenizer/`` folder of the checkpoint started from."""
+        resumed = os.path.join(self.resume.directory, TOKENIZER_DIR) if self.resume is not None else None
+        return [self.cfg.data.tokenizer_name_or_path, resumed]
 
     def _build_datasets(self, train_samples: int, valid_samples: int):
         """(train dataset, {validation group: dataset}); indexed by global sample number."""
@@ -264,8 +285,11 @@ class Trainer:
             return
         start = time.time()
         path = save_checkpoint(self.engine, c.save, self.iteration, self.trainer_state(), c.keep_last_k,
-                               client_state=self.megatron_state())
-        log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s")
+                               client_state=self.megatron_state(), tokenizer_dir=self.tokenizer_to_save)
+        log0(f"> saved checkpoint {path} in {time.time() - start:.2f} s"
+             + (f" (tokenizer files of {self.tokenizer_to_save} in {os.path.join(c.save, TOKENIZER_DIR)})"
+                if self.tokenizer_to_save else ""))
+        self.tokenizer_to_save = None  # copied once per process
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -297,6 +321,8 @@ class Trainer:
                                                     gbs // (self.cfg.training.micro_batch_size * self.state.dims.dp)))
         finally:
             read.close()
+        if not losses:  # unreachable: --eval-iters 0 leaves no validation group (see __init__)
+            raise RuntimeError(f"evaluated no batch of validation group {name!r}")
         return sum(losses) / len(losses)
 
     def evaluate(self) -> Dict[str, float]:

@@ -85,6 +85,14 @@ def p(tmp_path_factory) -> Dict[str, object]:
         b, i = data.with_suffix(".bin").read_bytes(), data.with_suffix(".idx").read_bytes()
         (d / f"{name}.bin").write_bytes(b[: len(b) // 2] if cut_bin else b)
         (d / f"{name}.idx").write_bytes(i[: len(i) - 8] if cut_idx else i)
+    # Ten documents of tokens, then ten empty ones (what a filter that emptied them leaves).
+    from megatron_bloom.data.indexed_dataset import MMapIndexedDatasetBuilder, data_file_path, index_file_path
+
+    builder = MMapIndexedDatasetBuilder(data_file_path(str(d / "empty_docs")), dtype="uint16")
+    for i in range(20):
+        builder.add_item(list(range(1, 40)) if i < 10 else [])
+        builder.end_document()
+    builder.finalize(index_file_path(str(d / "empty_docs")))
     a_file = d / "a_file"
     a_file.write_text("not a folder\n")
     return {"d": d, "jsonl": jsonl, "tok": d / "tok", "data": data, "xp3": d / "xp3", "vocab": vocab, "file": a_file}

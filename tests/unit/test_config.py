@@ -156,6 +156,12 @@ def test_needs_exactly_one_of_iters_or_samples():
     validate_config(parse_config([]), 1, for_training=False)
 
 
+def test_eval_iters_0_is_accepted_and_a_negative_count_refused():
+    validate_config(cfg_of("--eval-iters", "0"), 1)  # Megatron's "no evaluation"
+    with pytest.raises(UserError, match="eval_iters=-1 is negative; .* or --eval-iters 0 for no evaluation"):
+        validate_config(cfg_of("--eval-iters", "-1"), 1)
+
+
 def test_padded_vocab_matches_bloom():
     cfg = RunConfig().model
     cfg.vocab_size = 250680
