@@ -121,26 +121,29 @@ def planned(d):
 
 
 def test_planner_memory_per_rank_matches_the_measured_resident_set(trained):
-    """Per rank, RSS (resident set) minus the RSS once the libraries are imported, against the planner.
+    """Per rank, the resident set (RSS) the trainer adds once it builds its engine, against the planner.
 
-    CPU has no CUDA allocator to ask for allocated bytes; glibc serves every tensor this large
-    (hundreds of MiB) with its own mmap and returns it at free, so RSS follows the live tensors.
+    CPU has no CUDA allocator to ask for allocated bytes. With glibc's mmap threshold fixed at
+    256 KiB (see ``trained``) every tensor of that size or more is its own mapping, returned at
+    free, so RSS follows the live tensors; the baseline is the RSS when the engine starts being
+    built (libraries, process groups, tokenizer and dataset index are there already).
 
     - After the optimizer step a rank holds its weights and Adam states (the engine frees the
-      gradients at the step): the planner's weights + optimizer states must match to 10%, which
-      leaves ~150 MiB for the tokenizer, dataset index, gloo and Python objects.
-    - The peak of the training steps (before the checkpoint save, whose clones the planner does
-      not model) must lie between the planner's total and 1.6 times it. The planner counts the
-      tensors alive at the step's peak (weights, gradients, Adam states, activations); the
-      backward pass also holds transient copies of the vocabulary shard's gradient before it is
-      stored in ``.grad`` (measured: two 490 MiB shards beyond the stored gradient, on both
-      stages) which it leaves out, 1.4-1.5x at these widths.
+      gradients at the step): the planner's weights + optimizer states, to 10% as
+      tests/unit/test_plan.py checks them on the engine's own tensors. Measured 1.06-1.08: the
+      rest is the engine's non-tensor memory (DeepSpeed, gloo and pipeline buffers, Python objects).
+    - The peak of the two training steps (before the checkpoint save, whose tensor clones the
+      planner does not model) against the planner's total: weights, gradients, Adam states,
+      activations and the NaN guard's temporaries on the 490 MiB vocabulary-shard gradient
+      (``planning/memory.py``, ``nan_guard_bytes``: 770 MB here, the backward pass's peak).
+      Measured 1.06-1.08; the bound 0.95-1.15 fails when a vocabulary-sized term is missed or
+      counted twice (one 490 MiB shard is 17% of a rank's ~2.9 GB).
     """
     d, _, memory = trained
     stages = planned(d)
     for rank, m in enumerate(memory):
         s = stages[rank // TP]  # ranks 0, 1 are stage 0; 2, 3 stage 1 (TP innermost)
-        states = m["after_step"] - m["baseline"]
+        states = m["after_step"] - m["before_model"]
         assert abs(states / (s.weights + s.optimizer_states) - 1) <= 0.10, (rank, states, s)
-        peak = m["peak_before_save"] - m["baseline"]
-        assert 1.0 <= peak / s.total <= 1.6, (rank, peak, s.total, m["instructions"])
+        peak = m["peak_before_save"] - m["before_model"]
+        assert 0.95 <= peak / s.total <= 1.15, (rank, peak, s.total, m["instructions"])
