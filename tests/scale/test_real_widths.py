@@ -144,6 +144,10 @@ def test_planner_memory_per_rank_matches_the_measured_resident_set(trained):
     for rank, m in enumerate(memory):
         s = stages[rank // TP]  # ranks 0, 1 are stage 0; 2, 3 stage 1 (TP innermost)
         states = m["after_step"] - m["before_model"]
-        assert abs(states / (s.weights + s.optimizer_states) - 1) <= 0.10, (rank, states, s)
         peak = m["peak_before_save"] - m["before_model"]
+        print(f"rank {rank} stage {s.stage}: after the step {states / 2**20:,.0f} MiB (planned weights + Adam "
+              f"{(s.weights + s.optimizer_states) / 2**20:,.0f}); training peak {peak / 2**20:,.0f} MiB (planned "
+              f"{s.total / 2**20:,.0f}, of which NaN guard {s.nan_guard / 2**20:,.0f}); with the save "
+              f"{(m['peak'] - m['before_model']) / 2**20:,.0f} MiB")
+        assert abs(states / (s.weights + s.optimizer_states) - 1) <= 0.10, (rank, states, s)
         assert 0.95 <= peak / s.total <= 1.15, (rank, peak, s.total, m["instructions"])
