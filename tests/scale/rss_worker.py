@@ -17,7 +17,8 @@ Writes ``OUT_DIR/rank<R>.json`` with, in bytes:
 - ``instructions``: the largest resident set during each kind of DeepSpeed pipeline instruction
   (ForwardPass, BackwardPass, ReduceTiedGrads, OptimizerStep, ...), to say where a peak comes from.
 
-Linux only: it reads /proc/self/statm and resets the peak through /proc/self/clear_refs.
+Linux only: it reads /proc/self/statm and resets the peak through /proc/self/clear_refs (so the
+trainer's own "max rss" log line shows the peak since the latest reset, not since start-up).
 """
 import json
 import os
