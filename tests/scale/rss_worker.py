@@ -57,7 +57,7 @@ def main() -> None:
     out_dir, argv = sys.argv[1], sys.argv[2:]
     reset_peak()
     figures = {"baseline": resident(), "instructions": {}}
-    highest = [0]  # the peak over the resets that time each instruction
+    highest = [0]  # the peak over the resets made around each pipeline instruction
 
     def run_peak() -> int:
         return max(highest[0], peak())
@@ -78,7 +78,7 @@ def main() -> None:
     BloomEngine.__init__ = build_and_record
     table = PipelineEngine._INSTRUCTION_MAP
 
-    def timed(kind, run):
+    def recorded(kind, run):
         def run_and_record(self, *args, **kwargs):
             highest[0] = run_peak()
             reset_peak()
@@ -92,7 +92,7 @@ def main() -> None:
                     figures["after_step"] = resident()
         return run_and_record
 
-    PipelineEngine._INSTRUCTION_MAP = {kind: timed(kind, run) for kind, run in table.items()}
+    PipelineEngine._INSTRUCTION_MAP = {kind: recorded(kind, run) for kind, run in table.items()}
     sys.argv = [os.path.join(REPO, "launch", "pretrain.py"), *argv]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
