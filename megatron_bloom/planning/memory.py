@@ -47,15 +47,6 @@ keeps the logits themselves for backward, no float32 copy (the pipeline engine h
 tensor as the stage's output), and its backward writes the gradient, in the logits' dtype, while
 they are alive. Its float32 work runs in chunks of ``CROSS_ENTROPY_CHUNK_BYTES``, not counted.
 
-Every stage adds, while it runs backward, what the NaN/Inf gradient guard allocates (``--nan-policy``,
-on for fp32 and bf16; fp16's loss scaler replaces it): its hook checks each incoming gradient with
-``torch.isfinite(grad).all()``, which holds |grad| in the gradient's dtype and two bool masks of its
-size at once, (e + 2) n bytes for the largest gradient of n elements (``nan_guard_bytes``). On the
-stages holding the embedding that is the vocabulary shard Vp h / t: at BLOOM's widths (250,880
-rows, h 1024, TP 2) 770 MB in fp32, the largest term after the states; the profiler shows exactly
-these three tensors (``aten::abs``, ``aten::eq``, ``aten::ne``) in the backward pass, and
-tests/scale/test_real_widths.py finds them in each rank's resident set.
-
 Every stage with blocks adds the ALiBi + causal bias (``alibi_bias_bytes``) that attention adds to
 its scores, B (a/t) s^2 e per forward, with B = b for packed samples (each row has its own segment
 mask) and B = 1 otherwise (it broadcasts over the batch). It is built once per forward and shared
@@ -141,23 +132,6 @@ def alibi_bias_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, t
     return batch * cfg.num_attention_heads / tp * seq_length**2 * element_bytes(precision)
 
 
-def largest_parameter(stage: Stage, cfg: ModelConfig, tp: int) -> float:
-    """Elements of the stage's largest parameter on one TP rank: the vocabulary shard on stages with
-    the embedding (or the tied LM head), else a block's larger MLP or QKV weight."""
-    h = cfg.hidden_size
-    largest = max(cfg.ffn_size, 3 * h) * h / tp if stage.blocks else 0.0
-    if stage.has_embedding:
-        largest = max(largest, cfg.padded_vocab_size(tp) * h / tp)
-    return largest
-
-
-def nan_guard_bytes(stage: Stage, cfg: ModelConfig, tp: int, precision: str) -> float:
-    """``torch.isfinite`` on the stage's largest gradient: |g| (e bytes) and two bool masks, (e + 2) n."""
-    if precision == "fp16":
-        return 0.0
-    return (element_bytes(precision) + 2) * largest_parameter(stage, cfg, tp)
-
-
 @dataclass(frozen=True)
 class StageMemory:
     stage: int
@@ -168,12 +142,10 @@ class StageMemory:
     buffers: float
     activations: float
     micro_batches_in_flight: int
-    nan_guard: float = 0.0
-    """Backward's transient of the NaN/Inf gradient check on the largest gradient (``nan_guard_bytes``)."""
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer_states + self.buffers + self.activations + self.nan_guard
+        return self.weights + self.gradients + self.optimizer_states + self.buffers + self.activations
 
 
 def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch_size: int, micro_batches: int,
@@ -207,4 +179,4 @@ def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch
         acts += 2 * e * s * b * h  # ln_f input and LM-head input
         acts += loss_bytes(cfg, s, b, tp, precision)
     return StageMemory(stage.index, n, weights, n * g, n * o, reduce_bucket_bytes(precision, zero_stage, reduce_bucket_size),
-                       acts, in_flight, nan_guard_bytes(stage, cfg, tp, precision))
+                       acts, in_flight)

@@ -192,3 +192,25 @@ def test_fp16_overflow_is_skipped_by_loss_scaling_and_counted(corpus, tmp_path):
     assert changed(checkpoint_tensors(ckpt / "global_step2"), checkpoint_tensors(ckpt / "global_step3")) == []
     state = torch.load(ckpt / f"global_step{ITERS}" / "megatron_bloom.pt", weights_only=False)
     assert state["skipped_iterations"] == 1
+
+
+def test_gradient_sum_flags_any_nonfinite_element_without_a_temporary():
+    import torch
+
+    from megatron_bloom.training.nonfinite import gradient_sum
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        g = torch.ones(1000, 64, dtype=dtype)  # sums to 64,000: past fp16's range, finite in float32
+        assert torch.isfinite(gradient_sum(g)), dtype
+        for bad in ([(3, 5, float("nan"))], [(3, 5, float("inf"))], [(3, 5, float("inf")), (7, 1, float("-inf"))]):
+            h = g.clone()
+            for i, j, v in bad:
+                h[i, j] = v
+            assert not torch.isfinite(gradient_sum(h)), (dtype, bad)
+    # No copy of the gradient: what isfinite(grad).all() allocated (|g| and two masks) is gone.
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.randn(2000, 2000, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        gradient_sum(g)
+    assert max((e.cpu_memory_usage for e in prof.key_averages()), default=0) < 1024

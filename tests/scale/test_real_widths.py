@@ -134,11 +134,12 @@ def test_planner_memory_per_rank_matches_the_measured_resident_set(trained):
       tests/unit/test_plan.py checks them on the engine's own tensors. Measured 1.06-1.08: the
       rest is the engine's non-tensor memory (DeepSpeed, gloo and pipeline buffers, Python objects).
     - The peak of the two training steps (before the checkpoint save, whose tensor clones the
-      planner does not model) against the planner's total: weights, gradients, Adam states,
-      activations and the NaN guard's temporaries on the 490 MiB vocabulary-shard gradient
-      (``planning/memory.py``, ``nan_guard_bytes``: 770 MB here, the backward pass's peak).
-      Measured 1.06-1.08; the bound 0.95-1.15 fails when a vocabulary-sized term is missed or
-      counted twice (one 490 MiB shard is 17% of a rank's ~2.9 GB).
+      planner does not model) against the planner's total: weights, gradients, Adam states and
+      activations. The bound 0.95-1.15 fails when a vocabulary-sized term is missed or counted
+      twice (one 490 MiB shard is ~20% of a rank). It caught the NaN/Inf guard's old check,
+      ``isfinite(grad).all()``, which held |grad| and two masks of the vocabulary-shard gradient
+      at once (770 MB, the backward's peak); the guard now sums the gradient instead
+      (``training/nonfinite.py``).
     """
     d, _, memory = trained
     stages = planned(d)
@@ -148,7 +149,7 @@ def test_planner_memory_per_rank_matches_the_measured_resident_set(trained):
         peak = m["peak_before_save"] - m["before_model"]
         print(f"rank {rank} stage {s.stage}: after the step {states / 2**20:,.0f} MiB (planned weights + Adam "
               f"{(s.weights + s.optimizer_states) / 2**20:,.0f}); training peak {peak / 2**20:,.0f} MiB (planned "
-              f"{s.total / 2**20:,.0f}, of which NaN guard {s.nan_guard / 2**20:,.0f}); with the save "
+              f"{s.total / 2**20:,.0f}); with the save "
               f"{(m['peak'] - m['before_model']) / 2**20:,.0f} MiB")
         assert abs(states / (s.weights + s.optimizer_states) - 1) <= 0.10, (rank, states, s)
         assert 0.95 <= peak / s.total <= 1.15, (rank, peak, s.total, m["instructions"])
