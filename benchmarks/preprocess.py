@@ -95,6 +95,7 @@ def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
     tool = os.path.join(REPO, "data_tools", "corpus.py")
     _run([sys.executable, tool, "plan", "--input", f"xx={raw}", "--output-dir", out, "--tokenizer-name-or-path", tok_dir,
           "--files-per-task", "1"])
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     procs = [(i, time.perf_counter(), subprocess.Popen(
         [sys.executable, tool, "shard", "--plan", os.path.join(out, "plan.json"), "--task", str(i), "--workers",
@@ -118,7 +119,8 @@ def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
     total = sum(t["mb"] for t in tasks)
     return {"tasks": n, "workers_per_task": args.array_workers, "per_task": tasks, "array_wall_s": array_wall,
             "array_mb_per_s": total / array_wall, "merge_s": merge_wall,
-            "with_merge_mb_per_s": total / (array_wall + merge_wall)}
+            "with_merge_mb_per_s": total / (array_wall + merge_wall),
+            "load_avg_1min_before": load_before}
 
 
 def bench(args, work: str) -> dict:
@@ -186,7 +188,8 @@ def print_table(res: dict) -> None:
         for t in array["per_task"]:
             print(f"| {t['task']} | {t['mb']:.1f} | {t['wall_s']:.1f} | {t['mb_per_s']:.2f} |")
         print(f"\narray: {res['corpus_mb']:.1f} MB in {array['array_wall_s']:.1f} s = {array['array_mb_per_s']:.2f} MB/s; "
-              f"merge {array['merge_s']:.1f} s; with merge {array['with_merge_mb_per_s']:.2f} MB/s")
+              f"merge {array['merge_s']:.1f} s; with merge {array['with_merge_mb_per_s']:.2f} MB/s; "
+              f"load avg before {array['load_avg_1min_before']:.2f}")
 
 
 def plot(res: dict, out_dir: str) -> list:
