@@ -100,11 +100,16 @@ def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
     procs = [(i, time.perf_counter(), subprocess.Popen(
         [sys.executable, tool, "shard", "--plan", os.path.join(out, "plan.json"), "--task", str(i), "--workers",
          str(args.array_workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for i in range(n)]
-    ended = {}
+    ended, cpu = {}, {}
     while len(ended) < n:  # poll, so each task's end is seen when it happens, not in task order
         for i, _, proc in procs:
-            if i not in ended and proc.poll() is not None:
-                ended[i] = time.perf_counter()
+            if i in ended:
+                continue
+            # wait4: the task's own CPU seconds (with its tokenizer processes), robust to other load.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                ended[i], cpu[i] = time.perf_counter(), usage.ru_utime + usage.ru_stime
+                proc.returncode = os.waitstatus_to_exitcode(status)
         time.sleep(0.02)
     tasks = []
     for i, began, proc in procs:
@@ -113,7 +118,8 @@ def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
             raise UserError(f"corpus.py shard --task {i} failed: {(err.strip().splitlines() or ['?'])[-1]}")
         size = os.path.getsize(os.path.join(raw, f"part{i:03d}.jsonl"))
         wall = ended[i] - began
-        tasks.append({"task": i, "wall_s": wall, "mb": size / 1e6, "mb_per_s": size / wall / 1e6})
+        tasks.append({"task": i, "wall_s": wall, "mb": size / 1e6, "mb_per_s": size / wall / 1e6, "cpu_s": cpu[i],
+                      "mb_per_cpu_s": size / cpu[i] / 1e6})
     array_wall = max(ended.values()) - start
     merge_wall, _ = _run([sys.executable, tool, "merge", "--plan", os.path.join(out, "plan.json")])
     total = sum(t["mb"] for t in tasks)
@@ -183,10 +189,10 @@ def print_table(res: dict) -> None:
     if array:
         print(f"\njob array on this machine (corpus.py shard x {array['tasks']} at once, "
               f"{array['workers_per_task']} tokenizer process(es) each):\n")
-        print("| task | MB | wall s | MB/s |")
-        print("|---:|---:|---:|---:|")
+        print("| task | MB | wall s | MB/s | CPU s | MB per CPU s |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for t in array["per_task"]:
-            print(f"| {t['task']} | {t['mb']:.1f} | {t['wall_s']:.1f} | {t['mb_per_s']:.2f} |")
+            print(f"| {t['task']} | {t['mb']:.1f} | {t['wall_s']:.1f} | {t['mb_per_s']:.2f} | {t['cpu_s']:.1f} | {t['mb_per_cpu_s']:.2f} |")
         print(f"\narray: {res['corpus_mb']:.1f} MB in {array['array_wall_s']:.1f} s = {array['array_mb_per_s']:.2f} MB/s; "
               f"merge {array['merge_s']:.1f} s; with merge {array['with_merge_mb_per_s']:.2f} MB/s; "
               f"load avg before {array['load_avg_1min_before']:.2f}")

@@ -382,7 +382,7 @@ def corpus_command(argv=None) -> int:
 
 
 def main(argv=None) -> None:
-    """``python data_tools/corpus.py``."""
+    """``python data_tools/corpus.py`` and ``megatron-bloom-corpus``."""
     run_tool(corpus_command, argv)
 
 
