@@ -236,8 +236,9 @@ def ratios_list(prefixes: Sequence[str], tokens: Sequence[int], alpha: float = N
         unknown = sorted(set(given) - set(langs))
         absent = [lang for lang in langs if lang not in given]
         if unknown or absent:
-            raise UserError(f"--ratio: languages {', '.join(unknown) or '-'} are not in the plan and "
-                            f"{', '.join(absent) or '-'} have no ratio; give one LANG=R per language ({', '.join(langs)})")
+            problems = ([f"{', '.join(unknown)} not in the plan"] if unknown else []) + \
+                       ([f"no ratio for {', '.join(absent)}"] if absent else [])
+            raise UserError(f"--ratio: {'; '.join(problems)}; give one LANG=R per language ({', '.join(langs)})")
         ratios = [given[lang] for lang in langs]
     else:
         ratios = alpha_weights(tokens, alpha).tolist()

@@ -147,7 +147,7 @@ def test_ratios_from_token_counts_or_given():
     assert r[1]["ratio"] > 0.1  # flattened: fr is seen more than its 10% share
     assert [x["ratio"] for x in corpus.ratios_list(prefixes, [9, 1], given={"en": 0.7, "fr": 0.3},
                                                    langs=["en", "fr"])] == [0.7, 0.3]
-    with pytest.raises(UserError, match="fr have no ratio"):
+    with pytest.raises(UserError, match="no ratio for fr; give one LANG=R per language"):
         corpus.ratios_list(prefixes, [9, 1], given={"en": 0.7}, langs=["en", "fr"])
 
 
