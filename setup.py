@@ -58,6 +58,7 @@ setup(
             "megatron-bloom-make-corpus=data_tools.make_corpus:main",
             "megatron-bloom-make-tasks=data_tools.make_tasks:main",
             "megatron-bloom-language-weights=data_tools.language_weights:main",
+            "megatron-bloom-corpus=data_tools.corpus:main",
         ],
     },
 )

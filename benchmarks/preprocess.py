@@ -3,11 +3,17 @@
 Generates a synthetic multilingual corpus (data_tools/make_corpus.py, documents of 50-600 words),
 trains a byte-level BPE like BLOOM's on part of it, then times the preprocessing CLI as a user
 runs it: a fresh process per run, so interpreter start, imports and worker start-up are included.
-Also times a sequential read of the result through MMapIndexedDataset.
+Also times a sequential read of the result through MMapIndexedDataset, and the job-array path of
+slurm/preprocess.slurm on this machine: the corpus cut into --array-tasks files, `corpus.py shard`
+run for every task at once (as array tasks sharing one node would, --array-workers tokenizer
+processes each), then `corpus.py merge`. Per task: its own MB/s; for the array: all bytes over the
+wall time from the first start to the last end, and the merge time. slurm/README.md scales the
+per-task number to a cluster.
 
     python benchmarks/preprocess.py                      # 100 MB, 1 and 2 workers, markdown table
     python benchmarks/preprocess.py --json               # ... and one JSON object as the last line
     python benchmarks/preprocess.py --size-mb 20 --workers 1 2 4
+    python benchmarks/preprocess.py --array-tasks 2 --array-workers 1 --plot plots/
 
 MB here is 10^6 bytes of jsonl input. The reference point is Megatron-DeepSpeed's
 tools/preprocess_data.py at ~5.2 MB/s wall with 2 workers on a 2-core machine (100 MB in 19.3 s).
@@ -16,7 +22,6 @@ Other processes on the machine slow every number; the load average is printed wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -26,6 +31,7 @@ import time
 
 import numpy as np
 
+from benchmarks.common import add_output_args, finish, format_run_info, run_info
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
 from megatron_bloom.errors import UserError, run_main
 
@@ -43,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs per worker count (alternating); the fastest is reported")
     p.add_argument("--work-dir", default=None, help="keep corpus and outputs here (default: a temporary folder)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    p.add_argument("--array-tasks", type=int, default=2, help="array tasks run at once (0: skip the array measurement)")
+    p.add_argument("--array-workers", type=int, default=1, help="tokenizer processes per array task")
+    add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -71,6 +79,54 @@ def sequential_read(prefix: str) -> dict:
         tokens += ds[i].size
     elapsed = time.perf_counter() - start
     return {"sequences_per_s": len(ds) / elapsed, "tokens_per_s": tokens / elapsed, "sequences": len(ds)}
+
+
+def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
+    """The corpus cut into --array-tasks files, every `corpus.py shard` at once, then `corpus.py merge`."""
+    raw = os.path.join(work, "array_raw", "xx")
+    os.makedirs(raw, exist_ok=True)
+    with open(corpus, "rb") as fh:
+        lines = fh.readlines()
+    n = args.array_tasks
+    for i in range(n):  # contiguous, near-equal runs of lines
+        with open(os.path.join(raw, f"part{i:03d}.jsonl"), "wb") as fh:
+            fh.writelines(lines[i * len(lines) // n:(i + 1) * len(lines) // n])
+    out = os.path.join(work, "array_out")
+    tool = os.path.join(REPO, "data_tools", "corpus.py")
+    _run([sys.executable, tool, "plan", "--input", f"xx={raw}", "--output-dir", out, "--tokenizer-name-or-path", tok_dir,
+          "--files-per-task", "1"])
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    procs = [(i, time.perf_counter(), subprocess.Popen(
+        [sys.executable, tool, "shard", "--plan", os.path.join(out, "plan.json"), "--task", str(i), "--workers",
+         str(args.array_workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for i in range(n)]
+    ended, cpu = {}, {}
+    while len(ended) < n:  # poll, so each task's end is seen when it happens, not in task order
+        for i, _, proc in procs:
+            if i in ended:
+                continue
+            # wait4: the task's own CPU seconds (with its tokenizer processes), robust to other load.
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                ended[i], cpu[i] = time.perf_counter(), usage.ru_utime + usage.ru_stime
+                proc.returncode = os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    tasks = []
+    for i, began, proc in procs:
+        err = proc.stderr.read()
+        if proc.returncode != 0:
+            raise UserError(f"corpus.py shard --task {i} failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        size = os.path.getsize(os.path.join(raw, f"part{i:03d}.jsonl"))
+        wall = ended[i] - began
+        tasks.append({"task": i, "wall_s": wall, "mb": size / 1e6, "mb_per_s": size / wall / 1e6, "cpu_s": cpu[i],
+                      "mb_per_cpu_s": size / cpu[i] / 1e6})
+    array_wall = max(ended.values()) - start
+    merge_wall, _ = _run([sys.executable, tool, "merge", "--plan", os.path.join(out, "plan.json")])
+    total = sum(t["mb"] for t in tasks)
+    return {"tasks": n, "workers_per_task": args.array_workers, "per_task": tasks, "array_wall_s": array_wall,
+            "array_mb_per_s": total / array_wall, "merge_s": merge_wall,
+            "with_merge_mb_per_s": total / (array_wall + merge_wall),
+            "load_avg_1min_before": load_before}
 
 
 def bench(args, work: str) -> dict:
@@ -102,7 +158,9 @@ def bench(args, work: str) -> dict:
             }  # fmt: skip
     runs = [best[w] for w in args.workers]
     read = sequential_read(f"{os.path.join(work, f'out_w{args.workers[-1]}')}_text_document")
+    array = array_run(args, work, corpus, tok_dir) if args.array_tasks > 0 else None
     return {
+        "array": array,
         "corpus_mb": size / 1e6, "corpus_gen_s": t_corpus, "tokenizer_train_s": t_train, "vocab_size": args.vocab_size,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "runs": runs, "sequential_read": read, "reference_mb_per_s": REFERENCE_MB_S,
@@ -110,6 +168,7 @@ def bench(args, work: str) -> dict:
 
 
 def print_table(res: dict) -> None:
+    print(format_run_info(res["run"]) + "\n")
     print(
         f"corpus {res['corpus_mb']:.1f} MB (generated in {res['corpus_gen_s']:.1f}s), {res['vocab_size']}-token BPE "
         f"(trained in {res['tokenizer_train_s']:.1f}s), {res['cpus']} CPUs\n"
@@ -126,19 +185,54 @@ def print_table(res: dict) -> None:
         f"\nMMapIndexedDataset sequential read: {read['sequences_per_s']:,.0f} sequences/s, "
         f"{read['tokens_per_s'] / 1e6:,.0f}M tokens/s ({read['sequences']:,} sequences)"
     )
+    array = res["array"]
+    if array:
+        print(f"\njob array on this machine (corpus.py shard x {array['tasks']} at once, "
+              f"{array['workers_per_task']} tokenizer process(es) each):\n")
+        print("| task | MB | wall s | MB/s | CPU s | MB per CPU s |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for t in array["per_task"]:
+            print(f"| {t['task']} | {t['mb']:.1f} | {t['wall_s']:.1f} | {t['mb_per_s']:.2f} | {t['cpu_s']:.1f} | {t['mb_per_cpu_s']:.2f} |")
+        print(f"\narray: {res['corpus_mb']:.1f} MB in {array['array_wall_s']:.1f} s = {array['array_mb_per_s']:.2f} MB/s; "
+              f"merge {array['merge_s']:.1f} s; with merge {array['with_merge_mb_per_s']:.2f} MB/s; "
+              f"load avg before {array['load_avg_1min_before']:.2f}")
+
+
+def plot(res: dict, out_dir: str) -> list:
+    from benchmarks.common import pyplot
+
+    plt = pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    labels = [f"preprocess_data\n{r['workers']} workers" for r in res["runs"]]
+    values = [r["mb_per_s"] for r in res["runs"]]
+    if res["array"]:
+        labels += [f"array task {t['task']}" for t in res["array"]["per_task"]] + ["array"]
+        values += [t["mb_per_s"] for t in res["array"]["per_task"]] + [res["array"]["array_mb_per_s"]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 3.5))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("MB/s of jsonl (wall)")
+    ax.set_title(f"preprocessing, {res['corpus_mb']:.0f} MB, {res['cpus']} CPUs")
+    path = os.path.join(out_dir, "preprocess_throughput.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.array_tasks < 0 or args.array_workers < 1:
+        raise UserError("--array-tasks must be >= 0 and --array-workers >= 1")
     if args.work_dir:
         os.makedirs(args.work_dir, exist_ok=True)
         res = bench(args, args.work_dir)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as work:
             res = bench(args, work)
+    res["run"] = run_info(argv)
     print_table(res)
-    if args.json:
-        print(json.dumps(res))
+    finish(res, args, plot)
     return 0
 
 

@@ -2,7 +2,11 @@
 
 alpha = 1 samples every language in proportion to its tokens; alpha < 1 flattens the mix so that
 small languages are seen more often (upsampled, several epochs) and large ones less. The default
-0.3 is the value this brief calls BLOOM-style; XLM-R used 0.3 as well.
+0.3 is what bigscience used in their multilingual 1B3 ablations (train/tr5-1B3-multilingual/oscar/
+tr5b-*, tr5c-*: data strings made by data/sampling_probs/calc_iterator_prob.py, which cites XLM,
+arXiv:1901.07291 sec. 3.1, and computes the same formula over dataset sizes in GB). BLOOM-176B's own
+per-language ratios (data/catalogue/training_dataset_ratios*.json) are fixed numbers, not derived
+here; pass them with `data_tools/corpus.py ratios --ratio LANG=R` instead.
 
 Inputs are `LANG COUNT` pairs or MMIDIDX prefixes (the count is the sum of the .idx sizes), mixed
 freely on the command line or one per line in --file. The last stdout line is a --data-path value;

@@ -19,65 +19,13 @@ import sys
 import time
 
 import pytest
+from slurm_helpers import gone, job_field, read, release_if_delayed, slurm, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLUSTER = os.path.join(REPO, "tests", "slurm", "local_cluster.sh")
 RECIPE = os.path.join(REPO, "slurm", "tiny-cpu.slurm")
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*(\d+)")
-
-
-# CI installs SLURM itself (.ci/run) and sets this: there a missing cluster is a failure, not a skip.
-REQUIRED = os.environ.get("MEGATRON_BLOOM_REQUIRE_SLURM") == "1"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, request):
-    if os.geteuid() != 0 and not REQUIRED:
-        pytest.skip("SKIPPED (not root): the local SLURM cluster needs root to install Debian's munge/slurmctld/"
-                    "slurmd/slurm-client and to run slurmd")
-    # A short path: munge's socket path must stay under the 108-byte limit of a unix socket.
-    root = tmp_path_factory.mktemp("slurm")
-    p = subprocess.run(["bash", CLUSTER, "start", str(root), "2"], capture_output=True, text=True, timeout=900)
-    if p.returncode == 77 and not REQUIRED:
-        pytest.skip("SKIPPED (cannot install SLURM here): " + (p.stderr.strip().splitlines() or ["?"])[-1])
-    try:
-        assert p.returncode == 0, f"local cluster did not start:\n{p.stdout}\n{p.stderr}"
-        conf = dict(line.split("=", 1) for line in p.stdout.split() if "=" in line)["SLURM_CONF"]
-        extensions = request.getfixturevalue("torch_extensions")  # only once the cluster is known to run
-        yield {"root": root, "env": dict(os.environ, SLURM_CONF=conf), "extensions": extensions}
-    finally:
-        stop = subprocess.run(["bash", CLUSTER, "stop", str(root)], capture_output=True, text=True, timeout=180)
-        assert stop.returncode == 0, stop.stderr
-
-
-@pytest.fixture(scope="module")
-def torch_extensions(tmp_path_factory):
-    """DeepSpeed's CPU comm op, built here into a private TORCH_EXTENSIONS_DIR before any job starts.
-
-    Jobs would otherwise build it in the shared ~/.cache on first use, and a job cancelled while
-    building leaves torch's lock file behind: every later DeepSpeed start on the machine then waits
-    on it forever (seen here when a cancelled run left one). Private and prebuilt, the jobs only load it.
-    """
-    d = str(tmp_path_factory.mktemp("torch_extensions"))
-    code = ("from deepspeed.accelerator import get_accelerator; "
-            "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO,
-                       env=dict(os.environ, TORCH_EXTENSIONS_DIR=d, DS_ACCELERATOR="cpu"))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return d
-
-
-def slurm(cluster, *args, timeout=30):
-    return subprocess.run(list(args), capture_output=True, text=True, env=cluster["env"], timeout=timeout, check=True,
-                          cwd=REPO).stdout
-
-
-def job_field(cluster, job, name):
-    out = slurm(cluster, "scontrol", "show", "job", str(job))
-    m = re.search(rf"\b{name}=(\S*)", out)
-    return m.group(1) if m else None
 
 
 def submit(cluster, tmp_path, corpus, *sbatch_args, **env):
@@ -90,39 +38,6 @@ def submit(cluster, tmp_path, corpus, *sbatch_args, **env):
                          env=run_env, timeout=30, cwd=REPO)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().split(";")[0]
-
-
-def wait_for(predicate, timeout, what, poll=0.5, log_path=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    tail = f"\njob log tail:\n{read(log_path)[-3000:]}" if log_path else ""
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
-
-
-def read(path):
-    return open(path).read() if os.path.exists(path) else ""
-
-
-def release_if_delayed(cluster, job, requeued_at):
-    """Slurm holds a requeued batch job back (BeginTime, ~2 min); start it now instead.
-
-    Not within 2 s of the requeue: slurmd revokes the old run's job credential with a timestamp in
-    whole seconds and refuses a new credential made in that same second ("Killing non-startable
-    batch job: Job credential revoked"), which ends the requeued job as FAILED. That is what
-    Slurm's own delay avoids.
-    """
-    if time.monotonic() - requeued_at < 2.0:
-        return
-    if job_field(cluster, job, "JobState") == "PENDING" and job_field(cluster, job, "Reason") == "BeginTime":
-        slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
-
-
-def gone(cluster, job):
-    return not slurm(cluster, "squeue", "-h", "-j", str(job), "-o", "%i").strip()
 
 
 def test_usr1_saves_requeues_and_resumes(cluster, slurm_corpus, tmp_path):

@@ -38,9 +38,16 @@ def test_model_step_reports_speed_mfu_and_plot(tmp_path):
 @pytest.mark.slow
 def test_data_benchmarks_report_throughput(tmp_path):
     _, pre = run_json("benchmarks/preprocess.py", "--size-mb", "0.5", "--train-sample-mb", "0.2", "--workers", "1",
-                      "--work-dir", str(tmp_path / "pre"), "--json")
+                      "--work-dir", str(tmp_path / "pre"), "--array-tasks", "2", "--plot", str(tmp_path / "plots"), "--json")
     run = pre["runs"][0]
     assert run["workers"] == 1 and run["tokens"] > 0 and run["tokens_per_s"] == pytest.approx(run["tokens"] / run["wall_s"])
+    # The job-array path: both tasks' bytes make up the corpus, and the array's wall covers the slowest task.
+    array = pre["array"]
+    assert [t["task"] for t in array["per_task"]] == [0, 1]
+    assert sum(t["mb"] for t in array["per_task"]) == pytest.approx(pre["corpus_mb"])
+    assert array["array_wall_s"] >= max(t["wall_s"] for t in array["per_task"]) > 0
+    assert array["array_mb_per_s"] == pytest.approx(pre["corpus_mb"] / array["array_wall_s"])
+    assert "preprocess.py" in pre["run"]["command"] and pre["plots"][0].endswith(".png")
     _, ds = run_json("benchmarks/dataset.py", "--num-docs", "20000", "--epochs", "1.0", "--blend-samples", "20000",
                      "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--json")
     assert ds["index"][0]["num_docs"] == 20000 and ds["index"][0]["num_samples"] > 0
