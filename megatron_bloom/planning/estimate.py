@@ -160,7 +160,8 @@ def estimate(model: ModelConfig, cluster: Cluster, layout: Layout, assumptions: 
         result.problems.append(
             f"does not fit: stage {peak.stage} needs {peak.total / GIB:.1f} GiB per GPU (weights "
             f"{peak.weights / GIB:.1f}, gradients {peak.gradients / GIB:.1f}, optimizer {peak.optimizer_states / GIB:.1f}, "
-            f"buffers {peak.buffers / GIB:.1f}, activations {peak.activations / GIB:.1f}) but {acc.name} leaves "
+            f"buffers {peak.buffers / GIB:.1f}, activations {peak.activations / GIB:.1f}, all-reduce copy "
+            f"{peak.allreduce_flat / GIB:.1f}) but {acc.name} leaves "
             f"{result.usable_bytes / GIB:.1f} GiB ({acc.memory_gib:.0f} GiB less {assumptions.memory_headroom:.0%} "
             f"headroom); try {', '.join(hints)}"
         )

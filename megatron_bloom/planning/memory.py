@@ -47,6 +47,13 @@ keeps the logits themselves for backward, no float32 copy (the pipeline engine h
 tensor as the stage's output), and its backward writes the gradient, in the logits' dtype, while
 they are alive. Its float32 work runs in chunks of ``CROSS_ENTROPY_CHUNK_BYTES``, not counted.
 
+Every stage adds, after its last backward, the flat copy DeepSpeed's gradient all-reduce makes
+(``allreduce_flat_bytes``) under ZeRO-0 and BF16_Optimizer, which hold no reduction buckets: the
+pipeline engine's ``ReduceGrads`` flattens the rank's gradients into buckets of up to 5e8 elements
+(``MEMORY_OPT_ALLREDUCE_SIZE``), even at DP = 1, in the gradients' dtype (fp32 for BF16_Optimizer).
+At BLOOM's widths (250,880 rows, h 1024, TP 2, fp32) that is 565 MB on stage 0, the step's peak;
+tests/scale/test_real_widths.py finds it in each rank's resident set during ``ReduceGrads``.
+
 Every stage with blocks adds the ALiBi + causal bias (``alibi_bias_bytes``) that attention adds to
 its scores, B (a/t) s^2 e per forward, with B = b for packed samples (each row has its own segment
 mask) and B = 1 otherwise (it broadcasts over the batch). It is built once per forward and shared
@@ -132,6 +139,21 @@ def alibi_bias_bytes(cfg: ModelConfig, seq_length: int, micro_batch_size: int, t
     return batch * cfg.num_attention_heads / tp * seq_length**2 * element_bytes(precision)
 
 
+ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's ``MEMORY_OPT_ALLREDUCE_SIZE``: the pipeline engine's gradient all-reduce bucket."""
+
+
+def allreduce_flat_bytes(parameters: float, precision: str, zero_stage: int) -> float:
+    """The flat bucket ``ReduceGrads`` builds where no ZeRO optimizer reduces: min(N, 5e8) elements of
+    the gradient dtype (fp32 accumulation under BF16_Optimizer). ZeRO 1-3 optimizers reduce into
+    their own buckets (``reduce_bucket_bytes``)."""
+    bf16_optimizer = precision == "bf16" and zero_stage <= 1
+    if zero_stage != 0 and not bf16_optimizer:
+        return 0.0
+    grad_bytes = 4 if precision in ("bf16", "fp32") else 2
+    return min(parameters, ALLREDUCE_BUCKET_ELEMENTS) * grad_bytes
+
+
 @dataclass(frozen=True)
 class StageMemory:
     stage: int
@@ -142,10 +164,12 @@ class StageMemory:
     buffers: float
     activations: float
     micro_batches_in_flight: int
+    allreduce_flat: float = 0.0
+    """The gradient all-reduce's flat copy under ZeRO-0 / BF16_Optimizer (``allreduce_flat_bytes``)."""
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer_states + self.buffers + self.activations
+        return self.weights + self.gradients + self.optimizer_states + self.buffers + self.activations + self.allreduce_flat
 
 
 def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch_size: int, micro_batches: int,
@@ -179,4 +203,4 @@ def stage_memory(stage: Stage, cfg: ModelConfig, *, seq_length: int, micro_batch
         acts += 2 * e * s * b * h  # ln_f input and LM-head input
         acts += loss_bytes(cfg, s, b, tp, precision)
     return StageMemory(stage.index, n, weights, n * g, n * o, reduce_bucket_bytes(precision, zero_stage, reduce_bucket_size),
-                       acts, in_flight)
+                       acts, in_flight, allreduce_flat_bytes(n, precision, zero_stage))

@@ -42,11 +42,12 @@ def text(e: Estimate) -> str:
         lines.append(f"  stages         blocks per stage {' '.join(str(s) for s in _blocks(e))} ({lay.pp_partition_method}); "
                      f"{perf.micro_batches} micro-batches per step")
         lines.append("  memory per GPU (GiB)")
-        lines.append("    stage  params/GPU   weights  gradients optimizer  buffers activations   total  in-flight")
+        lines.append("    stage  params/GPU   weights  gradients optimizer  buffers activations allreduce   total  in-flight")
         rows = e.stages if len(e.stages) <= 16 else sorted({e.stages[0], e.stages[-1], e.peak}, key=lambda s: s.stage)
         for s in rows:
             lines.append(f"    {s.stage:5d} {s.parameters:11,d} {_gib(s.weights)}  {_gib(s.gradients)} {_gib(s.optimizer_states)}"
-                         f" {_gib(s.buffers)}   {_gib(s.activations)} {_gib(s.total)}  {s.micro_batches_in_flight:5d}")
+                         f" {_gib(s.buffers)}   {_gib(s.activations)}  {_gib(s.allreduce_flat)} {_gib(s.total)}"
+                         f"  {s.micro_batches_in_flight:5d}")
         peak = e.peak
         lines.append(f"    fullest: stage {peak.stage}, {peak.total / GIB:.2f} GiB of {e.usable_bytes / GIB:.2f} usable")
         lines.append(f"  bubble         (PP-1)/m = {lay.pipeline_model_parallel_size - 1}/{perf.micro_batches} = {perf.bubble:.1%}")
@@ -103,7 +104,8 @@ def to_dict(e: Estimate) -> Dict:
         out["memory_bytes"] = {
             "stage": peak.stage, "parameters_per_gpu": peak.parameters, "weights": peak.weights,
             "gradients": peak.gradients, "optimizer_states": peak.optimizer_states, "buffers": peak.buffers,
-            "activations": peak.activations, "total": peak.total, "usable": e.usable_bytes,
+            "activations": peak.activations, "allreduce_flat": peak.allreduce_flat, "total": peak.total,
+            "usable": e.usable_bytes,
         }
         out["stages"] = [
             {"stage": s.stage, "parameters_per_gpu": s.parameters, "total_bytes": s.total,

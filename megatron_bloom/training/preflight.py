@@ -112,10 +112,11 @@ def _validation_parts(cfg: RunConfig) -> list:
 def check_validation(cfg: RunConfig, finetune: bool = False) -> None:
     """Every validation part holds documents (pairs) and tokens, unless --eval-iters 0 asks for no evaluation.
 
-    Evaluation reads ``eval_iters`` batches of each validation group; a part left empty (a --split
-    whose validation weight is 0 or rounds to no document, a range that holds no document, files
-    of empty documents) would otherwise mean no evaluation at all, or a failure after the engine is
-    built. Only sizes are read (the .idx files).
+    Evaluation reads ``eval_iters`` batches of each validation group; a part asked for but empty (a
+    --split validation share that rounds to no document, a range that holds no document, files of
+    empty documents) would otherwise mean no evaluation at all, or a failure after the engine is
+    built. A --split whose validation weight is 0 asks for none: no evaluation, as in Megatron.
+    Only sizes are read (the .idx files).
     """
     from megatron_bloom.data.gpt_dataset import parse_split, split_boundaries
     from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
@@ -135,8 +136,7 @@ def check_validation(cfg: RunConfig, finetune: bool = False) -> None:
         n = len(sizes)
         if entry is None:
             if parse_split(cfg.data.split)[1] == 0:
-                raise UserError(f"--split {cfg.data.split} gives validation no weight; give it a share "
-                                f"(e.g. --split 969,30,1), {fix}")
+                continue  # no validation part asked for: no evaluation, as in Megatron
             first, last = split_boundaries(cfg.data.split, n)[1:3]
             widen = "give validation a larger share of --split"
         else:

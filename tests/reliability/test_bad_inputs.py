@@ -178,7 +178,6 @@ PRETRAIN_CASES = {
     "sync-tp-with-zero3": (lambda p: ["--sync-tp-duplicated-parameters", "--zero-stage", "3"],
                            "sync_tp_duplicated_parameters averages whole parameters in every forward, which ZeRO-3"),
     # Validation that would evaluate nothing while --eval-iters asks for batches (--eval-iters 0 accepts them all).
-    "split-no-validation": (lambda p: ["--split", "100,0,0"], "--split 100,0,0 gives validation no weight; give it a share"),
     "split-validation-rounds-to-nothing": (lambda p: ["--data-path", p["d"] / "empty_docs", "--split", "99,1,0"],
                                            "no validation documents in"),
     "valid-range-empty": (lambda p: ["--train-weighted-split-paths", f"train: 1 0:0.5 {p['data']}",
@@ -223,9 +222,6 @@ def test_finetune_refuses(p, tmp_path):
     assert not (tmp_path / "ft").exists()  # the conversion of --pretrained never started
     r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_tp2", "--vocab-size", "100")
     assert_refused(r, "holds token id")
-    r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_tp2", "--split", "100,0,0")
-    assert_refused(r, "--split 100,0,0 gives validation no weight; give it a share (e.g. --split 969,30,1), or pass "
-                      "--eval-iters 0 for no evaluation")
     r = run("launch/finetune.py", *base, "--pretrained", p["d"] / "ckpt_tp2", "--train-weighted-split-paths",
             f"train: 1 0:0.9 {p['xp3']}", "--valid-weighted-split-paths", f"heldout: 1 0.99:1 {p['xp3']}")
     assert_refused(r, "validation group 'heldout': no validation pairs in")

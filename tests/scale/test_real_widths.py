@@ -134,12 +134,13 @@ def test_planner_memory_per_rank_matches_the_measured_resident_set(trained):
       tests/unit/test_plan.py checks them on the engine's own tensors. Measured 1.06-1.08: the
       rest is the engine's non-tensor memory (DeepSpeed, gloo and pipeline buffers, Python objects).
     - The peak of the two training steps (before the checkpoint save, whose tensor clones the
-      planner does not model) against the planner's total: weights, gradients, Adam states and
-      activations. The bound 0.95-1.15 fails when a vocabulary-sized term is missed or counted
-      twice (one 490 MiB shard is ~20% of a rank). It caught the NaN/Inf guard's old check,
+      planner does not model) against the planner's total: weights, gradients, Adam states,
+      activations and the flat copy of the gradients DeepSpeed's ``ReduceGrads`` makes even at
+      DP = 1 (``planning/memory.py``, ``allreduce_flat_bytes``: 565 MB here, the step's peak).
+      The bound 0.95-1.15 fails when a vocabulary-sized term is missed or counted twice (one 490
+      MiB shard is ~20% of a rank). It caught two: that copy, and the NaN/Inf guard's old check,
       ``isfinite(grad).all()``, which held |grad| and two masks of the vocabulary-shard gradient
-      at once (770 MB, the backward's peak); the guard now sums the gradient instead
-      (``training/nonfinite.py``).
+      (770 MB) in the backward pass; the guard now sums the gradient (``training/nonfinite.py``).
     """
     d, _, memory = trained
     stages = planned(d)
