@@ -188,9 +188,10 @@ class LoggingConfig:
     log_interval: int = 10
     """Print and log metrics every this many iterations."""
     eval_interval: int = 1000
-    """Evaluate on every validation group every this many iterations."""
+    """Evaluate on every validation group every this many iterations, and once at the end of
+    training (also when the interval is past the run, as in Megatron-DeepSpeed)."""
     eval_iters: int = 10
-    """Batches per evaluation."""
+    """Batches per evaluation; 0: no evaluation at all, and no validation data read (Megatron's way)."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard log directory; None disables TensorBoard."""
     tensorboard_queue_size: int = 1000
