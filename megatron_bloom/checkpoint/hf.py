@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -267,8 +268,6 @@ def write_hf_checkpoint(
     in config.json). Shards are written under temporary names and named, with config.json, only
     once every layer was read: a source that fails halfway leaves no folder that half loads.
     """
-    from safetensors.torch import save_file
-
     if isinstance(weights, dict):
         check_state_dict(weights, model_cfg, "the given state dict")
         weights = layers_of(weights, model_cfg)
@@ -283,10 +282,24 @@ def write_hf_checkpoint(
     if tokenizer_dir:
         tokenizer_files(tokenizer_dir)
         tokens.update({k: v for k, v in tokenizer_special_tokens(tokenizer_dir).items() if v is not None})
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    for stale in (SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX):
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
+    try:
+        return _write_streamed(weights, model_cfg, out_dir, cast, tokens, tokenizer_dir, max_shard_bytes)
+    except BaseException:
+        # A source that fails halfway (its layers are read while writing) leaves nothing behind.
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        else:
+            for name in os.listdir(out_dir):
+                if name.startswith(".shard-") and name.endswith(".tmp"):
+                    os.remove(os.path.join(out_dir, name))
+        raise
+
+
+def _write_streamed(weights, model_cfg: ModelConfig, out_dir: str, cast, tokens: Dict[str, int],
+                    tokenizer_dir: Optional[str], max_shard_bytes: int) -> str:
+    from safetensors.torch import save_file
 
     written: List[Tuple[str, List[str]]] = []  # (temporary file, keys) per shard
     shard: StateDict = {}
@@ -319,10 +332,12 @@ def write_hf_checkpoint(
         flush()
     stored = cast or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
     if stored not in _DTYPE_NAMES:
-        for tmp, _ in written:
-            os.remove(tmp)
         raise UserError(f"cannot export tensors of dtype {stored}; pass --dtype fp32, fp16 or bf16")
 
+    # Every layer is read: only now is an earlier export in the folder replaced.
+    for stale in (SAFETENSORS, SAFETENSORS_INDEX, PT_BIN, PT_BIN_INDEX):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
     weight_map = {}
     for i, (tmp, keys) in enumerate(written, 1):
         name = SAFETENSORS if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors"

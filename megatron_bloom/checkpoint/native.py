@@ -37,6 +37,7 @@ import dataclasses
 import glob
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -290,23 +291,16 @@ def write_native_checkpoint(
     path = os.path.join(out_dir, tag)
     if os.path.exists(path):
         raise UserError(f"{path} already exists; choose another output directory or delete it")
-    if tokenizer_dir:
-        copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
-    os.makedirs(path)
-    padded = model_cfg.padded_vocab_size(tp)
-    indices = layer_indices(model_cfg)
-    written = 0
-    for idx, layer in zip(indices, weights):
-        full = layer_state(layer, model_cfg, idx)
-        del layer
-        if cast is not None:
-            full = {k: v.to(cast) for k, v in full.items()}
-        for rank in range(tp):
-            atomic_torch_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
-        del full
-        written += 1
-    if written != len(indices):
-        raise UserError(f"{path}: the source ended after {written} of {len(indices)} layers")
+    created = not os.path.exists(out_dir)
+    try:
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, TOKENIZER_DIR))
+        os.makedirs(path)
+        _write_layers(weights, model_cfg, path, tp, cast)
+    except BaseException:
+        # A source that fails halfway leaves nothing behind (the layers are read while writing).
+        shutil.rmtree(out_dir if created else path, ignore_errors=True)
+        raise
     run = RunConfig(model=dataclasses.replace(model_cfg))
     run.parallel.tensor_model_parallel_size = tp
     if pp is not None:
@@ -321,13 +315,30 @@ def write_native_checkpoint(
     atomic_torch_save(state, os.path.join(path, STATE_FILE))
     # Megatron-DeepSpeed's engine file per model-parallel rank, with its args, as a save of its
     # own at this TP (and PP) would hold them; the weights are in the layer files.
-    engine_state = megatron_engine_state(run, padded, iteration)
+    engine_state = megatron_engine_state(run, model_cfg.padded_vocab_size(tp), iteration)
     with megatron_enums_importable():
         for mp in range(tp * (pp or 1)):
             atomic_torch_save(engine_state, os.path.join(path, MP_RANK_FILE.format(tp=mp)))
     atomic_write_text(os.path.join(path, COMPLETE), tag + "\n")
     atomic_write_text(os.path.join(out_dir, LATEST), tag)
     return path
+
+
+def _write_layers(weights: Iterable[StateDict], cfg: ModelConfig, path: str, tp: int, cast: Optional[torch.dtype]) -> None:
+    padded = cfg.padded_vocab_size(tp)
+    indices = layer_indices(cfg)
+    written = 0
+    for idx, layer in zip(indices, weights):
+        full = layer_state(layer, cfg, idx)
+        del layer
+        if cast is not None:
+            full = {k: v.to(cast) for k, v in full.items()}
+        for rank in range(tp):
+            atomic_torch_save(shard_layer(full, tp, rank, padded), os.path.join(path, LAYER_FILE.format(idx=idx, tp=rank)))
+        del full
+        written += 1
+    if written != len(indices):
+        raise UserError(f"{path}: the source ended after {written} of {len(indices)} layers")
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -478,6 +489,10 @@ def iter_native_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[ModelC
     for idx in layer_indices(cfg):
         sources.update({k: os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=0))
                         for k in full_keys(cfg, idx, dict.fromkeys(_SHARDING.layer_table(idx, cfg.num_layers)))})
+        for rank in range(tp):
+            # Every file's pickle, memory-mapped (no tensor data read): a truncated file or one holding
+            # other classes is refused before the first layer is written anywhere.
+            safe_load(os.path.join(ckpt, LAYER_FILE.format(idx=idx, tp=rank)), mmap=True)
 
     def file_layers() -> Layers:
         for idx in layer_indices(cfg):
