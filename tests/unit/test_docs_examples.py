@@ -125,7 +125,7 @@ COMMANDS = {
         (RUN, "data", 0),
     "python launch/evaluate.py --load export/ --task mc --data copa.jsonl": (RUN, "data", 0),
     "python launch/lm_eval_harness.py --model megatron_bloom --model_args load=runs/ckpt --tasks TASK "
-    "--include_path DIR": "TASK and DIR are placeholders (an lm-eval task folder); tests/eval/ runs "
+    "--include_path DIR": "TASK and DIR are placeholders (an lm-eval task folder); tests/eval/test_eval_lm_eval.py runs "
                           "launch/lm_eval_harness.py on a local task",
     # docs/bad-inputs.md: the commands whose refusals the tables list (tests/reliability/test_bad_inputs.py)
     "python data_tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus --tokenizer-name-or-path tok":
@@ -252,6 +252,12 @@ def test_no_stale_entries():
 RUNS = [c for c, how in COMMANDS.items() if isinstance(how, tuple)]
 
 
+def test_skip_reasons_name_tests_that_exist():
+    named = {p for how in COMMANDS.values() if isinstance(how, str) for p in re.findall(r"tests/[\w/]+(?:\.py)?", how)}
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(REPO_ROOT, p)))
+    assert not missing, f"SKIP reasons name tests that do not exist: {missing}"
+
+
 @pytest.mark.parametrize("command", RUNS, ids=[f"{i}-{re.sub(r'[^a-z0-9_]+', '-', c.split('.py')[0].split('/')[-1])}"
                                                for i, c in enumerate(RUNS)])
 def test_command_runs_as_documented(command, data_workdir, tmp_path):
@@ -275,3 +281,20 @@ def test_command_runs_as_documented(command, data_workdir, tmp_path):
     if command in SHOWN_IN_PROSE:
         line = SHOWN_IN_PROSE[command][1].lstrip("`")
         assert line in printed, f"{doc} shows `{line}` for `{command}`; it printed:\n{printed[-3000:]}"
+
+
+def test_gpu_smoke_without_gpu(tmp_path):
+    """docs/gpu-smoke.md: `make gpu-smoke` (= python benchmarks/gpu_smoke.py) without a GPU prints the
+    line it shows and exits 2. The script is run directly: the make target would build .venv first."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with open(os.path.join(REPO_ROOT, "docs/gpu-smoke.md"), encoding="utf-8") as fh:
+        shown = [line for line in fh.read().splitlines() if line.startswith("error: gpu-smoke needs an NVIDIA GPU")]
+    assert len(shown) == 1, "docs/gpu-smoke.md no longer shows the no-GPU line"
+    if f"torch {torch.__version__} " not in shown[0]:
+        shown = [shown[0].split(";")[0]]  # the rest names the torch build the docs were written on
+    proc = run_as_written("python benchmarks/gpu_smoke.py", _empty_workdir(str(tmp_path / "work")))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert shown[0] in proc.stderr, f"docs/gpu-smoke.md shows `{shown[0]}`; it printed:\n{proc.stderr[-2000:]}"
