@@ -44,24 +44,28 @@ def extract(text):
 
 
 def _commands(lang, lines):
-    out, pending = [], ""
+    """In a block with `$ ` lines, those are the commands and the lines below each its shown output;
+    otherwise every line of a bash/sh block that is not blank or a comment is a command."""
+    lines = [line.strip() for line in lines]  # blocks may be indented under a list item
+    prompts = any(line.startswith("$ ") for line in lines)
+    if not prompts and lang not in SHELL_BLOCKS:
+        return []
+    out, pending = [], None
     for line in lines:
-        prompt = line.startswith("$ ")
-        if pending:
-            line = pending + " " + line.strip()
-        elif prompt:
+        if pending is not None:
+            line = pending + " " + line
+        elif prompts and line.startswith("$ "):
             line = line[2:]
-        elif lang not in SHELL_BLOCKS or not line.strip() or line.lstrip().startswith("#"):
-            if out and out[-1][2]:  # output shown under a `$ ` command
+        elif prompts or not line or line.startswith("#"):
+            if prompts and out and line:
                 out[-1][1].append(line)
             continue
-        if line.rstrip().endswith("\\"):
-            pending = line.rstrip()[:-1].rstrip()
+        if line.endswith("\\"):
+            pending = line[:-1].rstrip()
             continue
-        pending = ""
-        command = re.sub(r"\s+#\s.*$", "", line).strip()
-        out.append((command, [], prompt or lang == "console"))
-    return [(c, [s for s in shown if s.strip()]) for c, shown, _ in out]
+        pending = None
+        out.append((re.sub(r"\s+#\s.*$", "", line).strip(), []))
+    return out
 
 
 def doc_commands():
