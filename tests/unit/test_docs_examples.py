@@ -134,7 +134,8 @@ COMMANDS = {
     # docs/bad-inputs.md: the commands whose refusals the tables list (tests/reliability/test_bad_inputs.py)
     "python data_tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus --tokenizer-name-or-path tok":
         (RUN, "data", 0),
-    "python launch/pretrain.py --config configs/demo.yaml --data-path data/corpus_text_document --save runs/ckpt "
+    "python launch/pretrain.py --config configs/demo.yaml --tensor-model-parallel-size 1 "
+    "--pipeline-model-parallel-size 1 --data-path data/corpus_text_document --save runs/ckpt "
     "--load runs/ckpt --train-iters 1000": (RUN, "empty", 2),  # see SHOWN_IN_PROSE
     "python launch/convert_checkpoint.py native-to-hf --load runs/ckpt --out export/ --tokenizer tok": BAD_INPUTS,
     "python launch/evaluate.py --load runs/ckpt --data docs.jsonl --tokenizer tok": BAD_INPUTS,
@@ -150,14 +151,14 @@ COMMANDS = {
         "submits SLURM jobs with sbatch; tests/slurm/test_corpus_slurm.py runs it on a local SLURM",
 }
 
-# Output the docs show in prose rather than under a `$ ` line. docs/bad-inputs.md says one process
-# without torchrun is world size 1: its pretrain command (configs/demo.yaml is TP=2 x PP=2) is then
-# refused by the impossible-layout row, whose numbers there are another case's.
+# Output the docs show in prose rather than under a `$ ` line: docs/bad-inputs.md's pretrain command,
+# run where there is no data, prints its table's first row.
 SHOWN_IN_PROSE = {
-    "python launch/pretrain.py --config configs/demo.yaml --data-path data/corpus_text_document --save runs/ckpt "
+    "python launch/pretrain.py --config configs/demo.yaml --tensor-model-parallel-size 1 "
+    "--pipeline-model-parallel-size 1 --data-path data/corpus_text_document --save runs/ckpt "
     "--load runs/ckpt --train-iters 1000":
-        ("docs/bad-inputs.md", "`error: world size 1 is not divisible by tensor_model_parallel_size x "
-                               "pipeline_model_parallel_size = "),
+        ("docs/bad-inputs.md", "`error: --data-path: data/corpus_text_document.idx: file not found; pass the prefix "
+                               "without .bin/.idx and run data_tools/preprocess_data.py to create it`"),
 }
 
 LINKED = ("launch", "data_tools", "configs", "benchmarks", "slurm")
@@ -283,7 +284,7 @@ def test_command_runs_as_documented(command, data_workdir, tmp_path):
     for line in shown:
         assert line.strip() in printed, f"{doc} shows `{line.strip()}` for `{command}`; it printed:\n{printed[-3000:]}"
     if command in SHOWN_IN_PROSE:
-        line = SHOWN_IN_PROSE[command][1].lstrip("`")
+        line = SHOWN_IN_PROSE[command][1].strip("`")
         assert line in printed, f"{doc} shows `{line}` for `{command}`; it printed:\n{printed[-3000:]}"
 
 
