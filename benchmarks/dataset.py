@@ -8,19 +8,19 @@
 
     python benchmarks/dataset.py                      # markdown table
     python benchmarks/dataset.py --json               # ... and one JSON object as the last line
+    python benchmarks/dataset.py --plot out           # ... and PNGs in out/
     python benchmarks/dataset.py --num-docs 1000000 5000000 --epochs 1 2.5
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import numpy as np
 
-
+from benchmarks.common import add_output_args, finish, format_run_info, run_info
 from megatron_bloom.data.blends import build_blending_indices
 from megatron_bloom.data.gpt_dataset import GPTDataset, build_index_mappings, load_or_build_index_mappings
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--read-docs", type=int, default=50_000)
     p.add_argument("--read-samples", type=int, default=3_000)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", action="store_true")
+    add_output_args(p)
     return p.parse_args(argv)
 
 
@@ -105,9 +105,47 @@ def bench_read(num_docs: int, read_samples: int, seq_length: int, seed: int) -> 
     }
 
 
+def plot(result: dict, out_dir: str) -> list:
+    """dataset_index.png: index build and cached load per documents x epochs; dataset_blend.png:
+    blending time per number of datasets."""
+    from benchmarks.common import pyplot
+
+    plt = pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    rows = result["index"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["build_and_save_s"] for r in rows], 0.4, label="build + save")
+    ax.bar(x + 0.2, [r["load_s"] for r in rows], 0.4, label="load cached")
+    ax.set_xticks(x, [f"{r['num_docs']:,} docs\n{r['num_epochs']} epoch(s)" for r in rows], fontsize=7)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"GPT index build, seq_length {result['seq_length']}")
+    ax.legend()
+    paths.append(os.path.join(out_dir, "dataset_index.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    blend = result["blend"]
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    ax.bar([str(r["num_datasets"]) for r in blend], [r["seconds"] for r in blend])
+    ax.set_xlabel("datasets blended")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"blending indices, {blend[0]['samples']:,} samples" if blend else "blending indices")
+    paths.append(os.path.join(out_dir, "dataset_blend.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    return paths
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = {"seq_length": args.seq_length, "index": [], "blend": [], "read": None}
+    if args.plot:
+        from benchmarks.common import pyplot
+
+        pyplot()  # fail now, not after the runs
+    result = {"run": run_info(argv), "seq_length": args.seq_length, "index": [], "blend": [], "read": None}
     for n in args.num_docs:
         for e in args.epochs:
             result["index"].append(bench_index(n, e, args.seq_length, args.seed))
@@ -115,6 +153,7 @@ def main(argv=None) -> int:
         result["blend"].append(bench_blend(k, args.blend_samples, args.seed))
     result["read"] = bench_read(args.read_docs, args.read_samples, args.seq_length, args.seed)
 
+    print(format_run_info(result["run"]) + "\n")
     print(f"### Index build (seq_length={args.seq_length}, numpy {np.__version__}, 1 process)\n")
     print("| documents | tokens | samples asked | epochs | samples built | build (s) | build+save (s) | load cached (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -132,8 +171,7 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['num_docs']:,} | {r['tokens']:,} | {r['bin_mb']:.1f} | {r['samples']:,} | {r['samples_per_s']:,.0f} "
           f"| {r['tokens_per_s']:,.0f} |")
-    if args.json:
-        print(json.dumps(result))
+    finish(result, args, plot)
     return 0
 
 

@@ -200,7 +200,10 @@ def safe_load(path: str, mmap: bool = False) -> Any:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         if isinstance(exc, pickle.UnpicklingError) and found and found.group(1) not in ALLOWED_NAMES:
             raise UserError(refusal(path, [found.group(1)])) from None
-        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({_reason(exc)})") from None
+        # The zip directory says why more plainly than the loader (a memory-mapped load of a cut
+        # file reports only "[Errno 22] Invalid argument").
+        why = _truncation(path) or _reason(exc)
+        raise UserError(f"{path} is corrupt, truncated or not a tensor file ({why})") from None
 
 
 def load_megatron_state(path: str) -> dict:

@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from ..errors import UserError
 from .hostlist import expand_hostlist
 
 DEFAULT_MASTER_PORT = 29500
@@ -62,9 +63,22 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
         )
+    if int(env.get("WORLD_SIZE", "1")) != 1:
+        # A process cannot know its rank from WORLD_SIZE alone; guessing rank 0 would start a
+        # rendezvous that waits for peers nobody launched.
+        raise UserError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but RANK is not; launch the ranks with torchrun "
+                        f"(which sets both), or set RANK (and MASTER_ADDR, MASTER_PORT) for each process")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
 def world_size_from_env(environ: Optional[Mapping[str, str]] = None) -> int:
-    """World size without starting anything (for validating the config first)."""
+    """World size without starting anything (for validating the config first).
+
+    A WORLD_SIZE without RANK counts too: ``WORLD_SIZE=3 python launch/pretrain.py ...`` checks the
+    configuration for 3 ranks (a layout error is reported as such) before ``detect_launch_env``
+    refuses to start a process that does not know its rank.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "RANK" not in env and not ("SLURM_PROCID" in env and "SLURM_NTASKS" in env):
+        return int(env["WORLD_SIZE"])
     return detect_launch_env(environ).world_size

@@ -48,7 +48,17 @@ def test_data_benchmarks_report_throughput(tmp_path):
     assert array["array_wall_s"] >= max(t["wall_s"] for t in array["per_task"]) > 0
     assert array["array_mb_per_s"] == pytest.approx(pre["corpus_mb"] / array["array_wall_s"])
     assert "preprocess.py" in pre["run"]["command"] and pre["plots"][0].endswith(".png")
-    _, ds = run_json("benchmarks/dataset.py", "--num-docs", "20000", "--epochs", "1.0", "--blend-samples", "20000",
-                     "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--json")
+
+
+def test_dataset_benchmark_reports_its_run_and_plots(tmp_path):  # ~10 s
+    out, ds = run_json("benchmarks/dataset.py", "--num-docs", "20000", "--epochs", "1.0", "--blend-samples", "20000",
+                       "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--plot", str(tmp_path),
+                       "--json")
     assert ds["index"][0]["num_docs"] == 20000 and ds["index"][0]["num_samples"] > 0
     assert ds["read"]["samples"] == 200 and ds["read"]["samples_per_s"] > 0
+    run = ds["run"]
+    assert run["torch"] and run["cores"] and "dataset.py --num-docs 20000" in run["command"]
+    assert f"{run['cpu']}, {run['cores']} cores" in out.splitlines()[0]  # the run line heads the output
+    assert ds["plots"] == [str(tmp_path / "dataset_index.png"), str(tmp_path / "dataset_blend.png")]
+    for png in ds["plots"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

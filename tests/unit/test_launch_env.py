@@ -53,3 +53,14 @@ def test_torchrun_inside_srun_wins():
 def test_single_process():
     e = detect_launch_env({})
     assert (e.rank, e.world_size, e.launcher) == (0, 1, "single") and e.master_port > 0
+
+
+def test_world_size_without_rank():
+    """`WORLD_SIZE=3 python launch/pretrain.py ...` (README) validates for 3 ranks, then refuses to start."""
+    from megatron_bloom.distributed import world_size_from_env
+    from megatron_bloom.errors import UserError
+
+    assert world_size_from_env({"WORLD_SIZE": "3"}) == 3
+    with pytest.raises(UserError, match="WORLD_SIZE=3 is set but RANK is not"):
+        detect_launch_env({"WORLD_SIZE": "3"})
+    assert detect_launch_env({"WORLD_SIZE": "1"}).world_size == 1
