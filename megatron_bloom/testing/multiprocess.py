@@ -126,3 +126,15 @@ def run_distributed(
 def run_each(fn: Callable[..., Any], world_sizes: Sequence[int], *args: Any, **kwargs: Any) -> Dict[int, List[Any]]:
     """``run_distributed`` for several world sizes (parity tests over TP=1/2/4 and the like)."""
     return {ws: run_distributed(fn, ws, *args, **kwargs) for ws in world_sizes}
+
+
+def launcher_env(repo: Optional[str] = None) -> Dict[str, str]:
+    """The environment a test gives a launched process tree (torchrun, an entry point): DeepSpeed's
+    CPU accelerator, one OpenMP thread per rank, unbuffered output, ``repo`` first on PYTHONPATH,
+    and none of the caller's rank variables (a child that inherited them would join another job)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if repo:
+        env["PYTHONPATH"] = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from megatron_bloom.distributed import free_port
+from megatron_bloom.testing.multiprocess import launcher_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PUBLISHED = os.path.join(REPO, "tests", "recipes", "published")
@@ -35,11 +36,7 @@ pytestmark = pytest.mark.slow
 
 
 def env() -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+    return launcher_env(REPO)
 
 
 def tool(*args: str) -> None:
