@@ -32,6 +32,7 @@ import time
 from typing import Dict, List
 
 from benchmarks.common import add_output_args, finish, format_run_info, markdown_table, run_info
+from megatron_bloom.commands.convert_checkpoint import parse_size
 from megatron_bloom.errors import UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,12 +129,6 @@ def measure(work: str, hidden: int, layers: int, heads: int, vocab: int, dtype: 
         results.append(dict(step=name, **run_child(mode, argv)))
     return {"sizes": model_bytes(hidden, layers, vocab, itemsize), "shard_bytes": shard_bytes, "write_seconds": written,
             "results": results}
-
-
-def parse_size(text: str) -> int:
-    from megatron_bloom.commands.convert_checkpoint import parse_size as parse
-
-    return parse(text)
 
 
 def parse_args(argv=None):

@@ -64,12 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tokenizer_of(source_dir: str):
-    from megatron_bloom.checkpoint.files import has_tokenizer_files
-
-    return source_dir if source_dir and os.path.isdir(source_dir) and has_tokenizer_files(source_dir) else None
-
-
 def _tokenizer_note(tokenizer) -> str:
     return f"tokenizer from {tokenizer}" if tokenizer else "NO tokenizer (the source has none)"
 
@@ -89,11 +83,11 @@ def convert(argv=None) -> int:
     if args.command == "hf-to-native":
         cfg, layers = hf.iter_hf_checkpoint(args.hf)
         special = hf.special_tokens_from_hf(hf.read_config_json(args.hf))
-        tokenizer = tokenizer or _tokenizer_of(args.hf)
+        tokenizer = tokenizer or files.first_tokenizer_folder([args.hf])
     elif args.command == "native-to-hf":
         cfg, layers = native.iter_native_checkpoint(args.load)
         special = native.checkpoint_special_tokens(args.load)
-        tokenizer = tokenizer or _tokenizer_of(os.path.join(args.load, native.TOKENIZER_DIR))
+        tokenizer = tokenizer or files.first_tokenizer_folder([os.path.join(args.load, native.TOKENIZER_DIR)])
     else:
         from megatron_bloom.checkpoint.megatron_deepspeed import iter_megatron_deepspeed_checkpoint
 
