@@ -10,6 +10,8 @@ timed steps after warmup is reported.
     python benchmarks/model_step.py --dtype bf16    # torch.autocast(bfloat16) for both
     python benchmarks/model_step.py --dropout 0.1   # both with BLOOM's training dropout
     python benchmarks/model_step.py --plot bench_out  # ... and a PNG bar chart
+    python benchmarks/model_step.py --keep-denormals  # torch's default: denormals not flushed
+    python benchmarks/model_step.py --profile 3       # ... and where 3 more steps of each spend their time
 
 Model FLOPs use Megatron's formula (the one in the training logs); MFU is achieved model FLOP/s
 over this machine's dense matmul peak, measured in the same run (the best of large square
@@ -45,6 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero (torch's default; the trainer flushes them)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, profile N more steps of each model with torch.profiler and print "
+                        "where a step's time goes (matmuls, attention, elementwise, optimizer, ...)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n matmuls that measure the peak")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="DIR", default=None, help="write a PNG bar chart into DIR")
@@ -125,6 +132,78 @@ def make_step(model, is_hf, autocast_dtype):
     return step
 
 
+# Where a step's time goes: torch.profiler's self CPU time of each aten op, by what the op does.
+# Names are matched in order; the first category whose pattern is in the op's name wins.
+PROFILE_CATEGORIES = (
+    ("dense matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
+    ("attention kernel (SDPA)", ("scaled_dot_product", "flash_attention")),
+    ("softmax", ("aten::_softmax", "aten::softmax")),
+    ("GELU", ("aten::gelu",)),
+    ("loss (log-softmax, NLL)", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("LayerNorm", ("layer_norm",)),
+    ("optimizer", ("adam", "aten::_foreach")),
+    ("copies", ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::cat", "aten::contiguous")),
+)
+OTHER = "elementwise and the rest"
+
+
+def op_category(name: str) -> str:
+    for category, patterns in PROFILE_CATEGORIES:
+        if any(pattern in name for pattern in patterns):
+            return category
+    return OTHER
+
+
+def profile_steps(step, batches) -> dict:
+    """Seconds per step by category (self CPU time of each op), and the dense matmuls' FLOPs per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        for ids, labels in batches:
+            step(ids, labels)
+        wall = time.perf_counter() - t0
+    n = len(batches)
+    seconds = {category: 0.0 for category, _ in PROFILE_CATEGORIES}
+    seconds[OTHER] = 0.0
+    matmul_flops = 0
+    for event in prof.key_averages():
+        category = op_category(event.key)
+        seconds[category] += event.self_cpu_time_total / 1e6 / n
+        if category == "dense matmuls":
+            matmul_flops += event.flops / n
+    return {"wall_s": wall / n, "seconds": seconds, "matmul_flops": matmul_flops}
+
+
+def print_profile(profiles: dict, args, peak: float) -> None:
+    b, s, h, layers = args.micro_batch_size, args.seq_length, args.hidden_size, args.num_layers
+    # The attention kernel's model FLOPs: QK^T and PV forward (4 b s^2 h per layer), twice that backward.
+    attention_flops = 12 * b * s * s * h * layers
+    labels = {"ours": "megatron_bloom", "hf": "transformers"}
+    print(f"\nWhere a step goes (torch.profiler, self CPU time of each op, mean of {args.profile} steps per model):\n")
+    print("| category | " + " | ".join(f"{labels[name]} s/step | share" for name in profiles) + " |")
+    print("|---|" + "---|---|" * len(profiles))
+    categories = [category for category, _ in PROFILE_CATEGORIES] + [OTHER]
+    for category in categories:
+        cells = []
+        for prof in profiles.values():
+            total = sum(prof["seconds"].values())
+            cells.append(f"{prof['seconds'][category]:.3f} | {prof['seconds'][category] / total:.0%}")
+        print(f"| {category} | " + " | ".join(cells) + " |")
+    cells = [f"{sum(p['seconds'].values()):.3f} (wall {p['wall_s']:.3f}) | 100%" for p in profiles.values()]
+    print("| all ops | " + " | ".join(cells) + " |")
+    for name, prof in profiles.items():
+        mm_s = prof["seconds"]["dense matmuls"]
+        line = (f"{labels[name]}: dense matmuls {prof['matmul_flops'] / 1e9:,.1f} GFLOP per step in {mm_s:.3f} s = "
+                f"{prof['matmul_flops'] / mm_s / 1e9:,.1f} GFLOP/s, {prof['matmul_flops'] / mm_s / peak:.0%} of the "
+                f"measured peak (at peak: {prof['matmul_flops'] / peak:.3f} s)")
+        attn_s = prof["seconds"]["attention kernel (SDPA)"]
+        if attn_s > 0:
+            line += (f"; attention kernel {attention_flops / 1e9:,.1f} GFLOP (12 b s^2 h L) in {attn_s:.3f} s = "
+                     f"{attention_flops / attn_s / peak:.0%} of the peak")
+        print(line)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dtype == "bf16" and emulated_cpu_half_precision("bf16"):
@@ -134,7 +213,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     # As the trainer does at start-up (init_distributed), for both models: one process, one setting.
-    denormals_flushed = flush_denormals()
+    denormals_flushed = False if args.keep_denormals else flush_denormals()
     ours, hf = build_models(args)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     steps = {"ours": make_step(ours, False, autocast_dtype), "hf": make_step(hf, True, autocast_dtype)}
@@ -198,6 +277,16 @@ def main(argv=None):
     print(f"\nours / transformers: {result['speedup']:.2f}x")
     print(f"MFU = model FLOP/s (Megatron's formula, {step_flops / 1e9:,.1f} GFLOP per step) / matmul peak "
           f"{peak / 1e9:,.1f} GFLOP/s ({args.peak_size}^3 {args.dtype} matmul, sampled around every step, best)")
+    if args.profile:
+        profiles = {}
+        for name in ("ours", "hf"):
+            batches = []
+            for _ in range(args.profile):
+                tokens = torch.randint(0, args.vocab_size, (b, s + 1), generator=g)
+                batches.append((tokens[:, :-1], tokens[:, 1:]))
+            profiles[name] = profile_steps(steps[name], batches)
+        result["profile"] = profiles
+        print_profile(profiles, args, peak)
     print(f"\n{format_run_info(result['run'])}")
     if args.plot:
         plot(result, args.plot)

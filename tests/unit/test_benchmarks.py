@@ -20,7 +20,8 @@ def run_json(*argv, timeout=300):
 def test_model_step_reports_speed_mfu_and_plot(tmp_path):
     out, r = run_json("benchmarks/model_step.py", "--hidden-size", "64", "--num-layers", "2", "--num-attention-heads",
                       "4", "--vocab-size", "512", "--seq-length", "64", "--micro-batch-size", "2", "--steps", "3",
-                      "--warmup", "1", "--peak-size", "256", "--plot", str(tmp_path), "--json")
+                      "--warmup", "1", "--peak-size", "256", "--profile", "1", "--keep-denormals", "--plot",
+                      str(tmp_path), "--json")
     for key in ("ours_tokens_per_s", "hf_tokens_per_s", "speedup", "ours_mfu", "hf_mfu", "matmul_peak_flops"):
         assert r[key] > 0, key
     # Megatron-DeepSpeed's formula (the training logs' TFLOPs) at this size, by hand, no recompute:
@@ -33,6 +34,33 @@ def test_model_step_reports_speed_mfu_and_plot(tmp_path):
     assert "| megatron_bloom |" in out and "| transformers |" in out
     png = tmp_path / "model_step_fp32_h64.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["denormals_flushed"] is False  # --keep-denormals
+    # --profile: ours' dense matmuls are exactly the linear layers and the LM head, forward (2 FLOPs per
+    # multiply-add) and backward (twice that): 72 b s l h^2 + 6 b s h V; SDPA does the attention products.
+    ours, hf = r["profile"]["ours"], r["profile"]["hf"]
+    assert ours["matmul_flops"] == 72 * b * s * l * h * h + 6 * b * s * h * v
+    assert hf["matmul_flops"] > ours["matmul_flops"]  # transformers also does QK^T and PV with (b)bmm
+    assert ours["seconds"]["attention kernel (SDPA)"] > 0 and hf["seconds"]["attention kernel (SDPA)"] == 0
+    for prof in (ours, hf):
+        assert prof["seconds"]["dense matmuls"] > 0 and prof["seconds"]["optimizer"] > 0
+        assert 0 < sum(prof["seconds"].values()) <= prof["wall_s"]
+    assert "| dense matmuls |" in out and "of the measured peak" in out
+
+
+def test_denormals_benchmark_finds_alibi_underflow(tmp_path):  # ~10 s
+    # 8 heads: the first slope is 1/2, so at 256 tokens the farthest keys sit ~127 below the row's
+    # maximum score, where exp gives float32 denormals; with every slope 0 (plain causal) none.
+    out, r = run_json("benchmarks/denormals.py", "--micro-batch-size", "1", "--num-attention-heads", "8",
+                      "--seq-length", "256", "--head-dim", "8", "--iters", "1", "--rounds", "1",
+                      "--plot", str(tmp_path), "--json")
+    cases = r["cases"]
+    assert set(cases) == {"alibi", "causal", "alibi-flushed"}
+    assert cases["alibi"]["denormal_share"] > 0 and cases["causal"]["denormal_share"] == 0
+    assert cases["alibi-flushed"]["flushed"] and not cases["alibi"]["flushed"] and not cases["causal"]["flushed"]
+    assert cases["alibi-flushed"]["denormal_share"] == 0  # the flush holds in the softmax too
+    assert all(c["median_ms"] > 0 and len(c["per_process_ms"]) == 1 for c in cases.values())
+    assert "| alibi |" in out and "denormals.py" in r["run"]["command"]
+    assert r["plots"][0].endswith("denormals_sdpa.png") and os.path.getsize(r["plots"][0]) > 0
 
 
 @pytest.mark.slow
