@@ -1,15 +1,22 @@
-"""GPT dataset speed: index build for millions of documents, blend order, and sample reads.
+"""GPT dataset speed: index build for millions of documents, blend order, sample reads, token-id scan.
 
 1. Index build (doc_idx + sample_idx + shuffle_idx) from a synthetic sizes array (log-normal
    document lengths, mean ~600 tokens; no tokens needed), in memory and through the .npy cache.
 2. Blending indices (Megatron's greedy order) for --blend-samples samples of 2, 10 and 46 datasets.
 3. Reading: a real .bin/.idx of --read-docs documents is written to a temp dir, then samples are
    read through GPTDataset.__getitem__ in shuffled order.
+4. Token-id scan (with --scan-gb): a .bin of that many GiB of random int32 ids (BLOOM's vocabulary
+   needs int32) with no PREFIX.tokens.json sidecar is written to a temp dir, and start-up's check of
+   data from other tools, MMapIndexedDataset(prefix).max_token_id(), is timed once cold (the .bin
+   dropped from the page cache with posix_fadvise, where the OS has it) and warm (the median of
+   --scan-repeat reads after that). One id above all others is planted at a random position, and
+   the scan must find it.
 
     python benchmarks/dataset.py                      # markdown table
     python benchmarks/dataset.py --json               # ... and one JSON object as the last line
     python benchmarks/dataset.py --plot out           # ... and PNGs in out/
     python benchmarks/dataset.py --num-docs 1000000 5000000 --epochs 1 2.5
+    python benchmarks/dataset.py --scan-gb 1          # ... and the token-id scan of a 1 GiB .bin
 """
 from __future__ import annotations
 
@@ -23,7 +30,12 @@ import numpy as np
 from benchmarks.common import add_output_args, finish, format_run_info, run_info
 from megatron_bloom.data.blends import build_blending_indices
 from megatron_bloom.data.gpt_dataset import GPTDataset, build_index_mappings, load_or_build_index_mappings
-from megatron_bloom.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
+from megatron_bloom.data.indexed_dataset import (
+    SCAN_LIMIT_BYTES,
+    MMapIndexedDataset,
+    MMapIndexedDatasetBuilder,
+    best_dtype,
+)
 from megatron_bloom.errors import run_main
 
 
@@ -35,9 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--blend-samples", type=int, default=10_000_000)
     p.add_argument("--read-docs", type=int, default=50_000)
     p.add_argument("--read-samples", type=int, default=3_000)
+    p.add_argument("--scan-gb", type=float, nargs="*", default=[], metavar="GIB",
+                   help="time the token-id scan of a .bin of each size, in GiB (2**30 bytes; start-up scans\n"
+                        f"up to {SCAN_LIMIT_BYTES / 2**30:g} GiB); none by default")
+    p.add_argument("--scan-repeat", type=int, default=3, help="timed warm scans per size (median reported)")
     p.add_argument("--seed", type=int, default=1234)
     add_output_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scan_repeat < 1:
+        p.error(f"--scan-repeat {args.scan_repeat}: pass 1 or more")
+    return args
 
 
 def synthetic_sizes(n: int, seed: int) -> np.ndarray:
@@ -105,9 +124,80 @@ def bench_read(num_docs: int, read_samples: int, seq_length: int, seed: int) -> 
     }
 
 
+BLOOM_VOCAB = 250_880
+"""BLOOM's padded vocabulary: its ids need int32 in the .bin (``best_dtype``)."""
+SCAN_IDS_BELOW = 250_000
+"""The scan's random ids are drawn below this; one id of BLOOM_VOCAB - 1 is planted."""
+
+
+def write_scan_bin(prefix: str, gib: float, seed: int, chunk_tokens: int = 1 << 24) -> dict:
+    """A .bin/.idx of ``gib`` GiB of random ids in log-normal documents (the preprocessing writer's
+    ``add_documents``), without a sidecar; one id of BLOOM_VOCAB - 1 at a random position."""
+    dtype = np.dtype(best_dtype(BLOOM_VOCAB))
+    total = max(1, int(gib * 2**30) // dtype.itemsize)
+    rng = np.random.default_rng(seed)
+    planted_at = int(rng.integers(total))
+    builder = MMapIndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for start in range(0, total, chunk_tokens):
+        n = min(chunk_tokens, total - start)
+        ids = rng.integers(0, SCAN_IDS_BELOW, size=n, dtype=dtype)
+        if start <= planted_at < start + n:
+            ids[planted_at - start] = BLOOM_VOCAB - 1
+        lengths = synthetic_sizes(n // 300 + 1, int(rng.integers(2**31))).astype(np.int64)
+        lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), n)) + 1]
+        lengths[-1] -= int(lengths.sum()) - n  # the chunk's last document ends with the chunk
+        builder.add_documents(ids, lengths[lengths > 0])
+    builder.finalize(prefix + ".idx")
+    return {"tokens": total, "dtype": dtype.name, "planted_id": BLOOM_VOCAB - 1, "planted_at": planted_at}
+
+
+def evict_from_page_cache(path: str) -> bool:
+    """Write ``path`` to disk and drop it from this kernel's page cache (False where the OS cannot).
+    A VM host's cache or the disk's own may still hold it, so a "cold" read can beat the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def bench_scan(gib: float, repeat: int, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "nosidecar")
+        start = time.perf_counter()
+        written = write_scan_bin(prefix, gib, seed)
+        write_s = time.perf_counter() - start
+        bin_bytes = os.path.getsize(prefix + ".bin")
+        # Above the limit start-up does not scan; the limit is lifted to time what it would cost.
+        limit = max(SCAN_LIMIT_BYTES, bin_bytes)
+        cold = None
+        if evict_from_page_cache(prefix + ".bin"):
+            start = time.perf_counter()
+            MMapIndexedDataset(prefix).max_token_id(limit)
+            cold = time.perf_counter() - start
+        else:
+            MMapIndexedDataset(prefix).max_token_id(limit)  # untimed: brings the .bin into the page cache
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            found, how = MMapIndexedDataset(prefix).max_token_id(limit)  # what training/preflight.check_data runs
+            times.append(time.perf_counter() - start)
+    warm = float(np.median(times))
+    return {
+        **written, "bin_bytes": bin_bytes, "write_s": write_s, "found_id": found, "how": how,
+        "startup_scans": bin_bytes <= SCAN_LIMIT_BYTES, "cold_s": cold, "warm_s": warm, "warm_runs_s": times,
+        "gib_per_s": bin_bytes / 2**30 / warm,
+    }
+
+
 def plot(result: dict, out_dir: str) -> list:
     """dataset_index.png: index build and cached load per documents x epochs; dataset_blend.png:
-    blending time per number of datasets."""
+    blending time per number of datasets; dataset_scan.png (with --scan-gb): cold and warm
+    token-id scan time per .bin size."""
     from benchmarks.common import pyplot
 
     plt = pyplot()
@@ -136,6 +226,24 @@ def plot(result: dict, out_dir: str) -> list:
     fig.tight_layout()
     fig.savefig(paths[-1])
     plt.close(fig)
+    scan = result["scan"]
+    if scan:
+        fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(scan)), 3.5))
+        x = np.arange(len(scan))
+        for shift, key, label in ((-0.2, "cold_s", "cold"), (0.2, "warm_s", "warm (median)")):
+            secs = [r[key] or 0.0 for r in scan]
+            bars = ax.bar(x + shift, secs, 0.4, label=label)
+            ax.bar_label(bars, [f"{r['bin_bytes'] / 2**30 / t:.1f} GiB/s" if t else "n/a" for r, t in zip(scan, secs)],
+                         fontsize=7)
+        ax.set_xticks(x, [f"{r['bin_bytes'] / 2**30:.3g} GiB" for r in scan])
+        ax.set_xlabel(".bin size")
+        ax.set_ylabel("seconds")
+        ax.legend(fontsize=7)
+        ax.set_title("token-id scan at start-up (no sidecar)")
+        paths.append(os.path.join(out_dir, "dataset_scan.png"))
+        fig.tight_layout()
+        fig.savefig(paths[-1])
+        plt.close(fig)
     return paths
 
 
@@ -145,13 +253,16 @@ def main(argv=None) -> int:
         from benchmarks.common import pyplot
 
         pyplot()  # fail now, not after the runs
-    result = {"run": run_info(argv), "seq_length": args.seq_length, "index": [], "blend": [], "read": None}
+    result = {"run": run_info(argv), "seq_length": args.seq_length, "index": [], "blend": [], "read": None,
+              "scan": []}
     for n in args.num_docs:
         for e in args.epochs:
             result["index"].append(bench_index(n, e, args.seq_length, args.seed))
     for k in (2, 10, 46):
         result["blend"].append(bench_blend(k, args.blend_samples, args.seed))
     result["read"] = bench_read(args.read_docs, args.read_samples, args.seq_length, args.seed)
+    for gib in args.scan_gb:
+        result["scan"].append(bench_scan(gib, args.scan_repeat, args.seed))
 
     print(format_run_info(result["run"]) + "\n")
     print(f"### Index build (seq_length={args.seq_length}, numpy {np.__version__}, 1 process)\n")
@@ -171,6 +282,17 @@ def main(argv=None) -> int:
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['num_docs']:,} | {r['tokens']:,} | {r['bin_mb']:.1f} | {r['samples']:,} | {r['samples_per_s']:,.0f} "
           f"| {r['tokens_per_s']:,.0f} |")
+    if result["scan"]:
+        print(f"\n### Token-id scan of a .bin without a sidecar (MMapIndexedDataset.max_token_id: once cold, "
+              f"then warm, median of {args.scan_repeat})\n")
+        print("| .bin (GiB) | dtype | tokens | scanned at start-up | largest id (planted) | write (s) | cold scan (ms) "
+              "| warm scan (ms) | warm GiB/s |")
+        print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+        for r in result["scan"]:
+            cold = "n/a" if r["cold_s"] is None else f"{r['cold_s'] * 1e3:,.1f}"
+            print(f"| {r['bin_bytes'] / 2**30:.3f} | {r['dtype']} | {r['tokens']:,} | "
+                  f"{'yes' if r['startup_scans'] else 'no, above the limit'} | {r['found_id']:,} ({r['planted_id']:,}) "
+                  f"| {r['write_s']:.2f} | {cold} | {r['warm_s'] * 1e3:,.1f} | {r['gib_per_s']:.1f} |")
     finish(result, args, plot)
     return 0
 

@@ -16,11 +16,11 @@ by either tool chain load in the other:
 
 The .idx does not store the largest token id, yet a dataset tokenized with a larger vocabulary
 than the model's must fail at start-up, not at the batch that first holds such an id. Scanning
-the .bin is fast when it is in the page cache (~15 GB/s with numpy) but a multi-TB corpus read
-cold on every rank at every requeue is not, so the writers record the largest id in a small
-sidecar (`max_token_id`, checked against the .bin size and sequence count so a stale one is
-ignored); data from other tools without it is scanned when its .bin is at most
-`SCAN_LIMIT_BYTES`.
+the .bin is fast when it is in the page cache (`python benchmarks/dataset.py --scan-gb 1` times
+it) but a multi-TB corpus read cold on every rank at every requeue is not, so the writers record
+the largest id in a small sidecar (`max_token_id`, checked against the .bin size and sequence
+count so a stale one is ignored); data from other tools without it is scanned when its .bin is
+at most `SCAN_LIMIT_BYTES`.
 
 A "sequence" is what one `add_item` call wrote (one json key of one document when preprocessing);
 a "document" is a run of sequences closed by `end_document`. Preprocessing writes one sequence per
@@ -64,7 +64,7 @@ class IndexedDatasetError(ValueError):
 
 
 SCAN_LIMIT_BYTES = 8 << 30
-"""Largest .bin scanned for its largest token id when it has no sidecar (~0.5 s warm, a few s cold)."""
+"""Largest .bin scanned for its largest token id when it has no sidecar (docs/bad-inputs.md says how long)."""
 
 
 def index_file_path(prefix: str) -> str:

@@ -80,13 +80,39 @@ def test_data_benchmarks_report_throughput(tmp_path):
 
 def test_dataset_benchmark_reports_its_run_and_plots(tmp_path):  # ~10 s
     out, ds = run_json("benchmarks/dataset.py", "--num-docs", "20000", "--epochs", "1.0", "--blend-samples", "20000",
-                       "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--plot", str(tmp_path),
-                       "--json")
+                       "--read-docs", "1000", "--read-samples", "200", "--seq-length", "128", "--scan-gb", "0.004",
+                       "--plot", str(tmp_path), "--json")
     assert ds["index"][0]["num_docs"] == 20000 and ds["index"][0]["num_samples"] > 0
     assert ds["read"]["samples"] == 200 and ds["read"]["samples_per_s"] > 0
+    # The token-id scan went through start-up's path (no sidecar: 'scan') over the whole .bin and
+    # found the one id planted above the random ones.
+    (scan,) = ds["scan"]
+    assert scan["how"] == "scan" and scan["startup_scans"] and scan["dtype"] == "int32"
+    assert scan["found_id"] == scan["planted_id"] == 250_879
+    assert scan["bin_bytes"] == scan["tokens"] * 4 == int(0.004 * 2**30) // 4 * 4
+    assert scan["cold_s"] > 0 and len(scan["warm_runs_s"]) == 3
+    assert scan["gib_per_s"] == pytest.approx(scan["bin_bytes"] / 2**30 / scan["warm_s"])
+    assert "### Token-id scan" in out and "| 250,879 (250,879) |" in out
     run = ds["run"]
     assert run["torch"] and run["cores"] and "dataset.py --num-docs 20000" in run["command"]
     assert f"{run['cpu']}, {run['cores']} cores" in out.splitlines()[0]  # the run line heads the output
-    assert ds["plots"] == [str(tmp_path / "dataset_index.png"), str(tmp_path / "dataset_blend.png")]
+    assert ds["plots"] == [str(tmp_path / f"dataset_{name}.png") for name in ("index", "blend", "scan")]
     for png in ds["plots"]:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoint_check_benchmark_counts_the_files_it_wrote(tmp_path):  # ~5 s
+    out, r = run_json("benchmarks/checkpoint_check.py", "--layer-files", "12", "--optim-gib", "0.002", "--repeat", "2",
+                      "--plot", str(tmp_path), "--json")
+    layers, optim = r["cases"]
+    # 12 layer files (embedding, 10 blocks, final LayerNorm) + megatron_bloom.pt + mp_rank_00_model_states.pt.
+    assert layers["name"] == "layer files" and layers["files"] == layers["files_checked"] == 14
+    assert optim["name"] == "optimizer file" and optim["files"] == optim["files_checked"] == 1
+    assert optim["bytes"] >= 0.002 * 2**30  # three fp32 tensors of 0.002 GiB / 12 elements, plus the pickle
+    for c in (layers, optim):
+        assert len(c["warm_runs_s"]) == 2 and c["first_s"] > 0
+        assert c["ms_per_file"] == pytest.approx(c["warm_s"] * 1e3 / c["files_checked"])
+    assert "| layer files | 14 |" in out and "| optimizer file | 1 |" in out
+    assert "checkpoint_check.py --layer-files 12" in r["run"]["command"] and out.startswith(r["run"]["cpu"])
+    assert r["plots"] == [str(tmp_path / "checkpoint_check.png")]
+    assert open(r["plots"][0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
