@@ -25,8 +25,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_info(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Machine, versions, date and command of this run (JSON-serialisable)."""
+def run_info(argv: Optional[Sequence[str]] = None, program: Optional[str] = None) -> Dict[str, object]:
+    """Machine, versions, date and command of this run (JSON-serialisable).
+
+    ``program`` names another program this process ran with ``argv`` (a benchmark timing someone
+    else's tool in the same Python); by default the command is this process's own."""
     import torch
 
     try:
@@ -44,7 +47,7 @@ def run_info(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "torch": torch.__version__,
         "deepspeed": ds_version,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *args]),
+        "command": " ".join(shlex.quote(a) for a in [program or os.path.relpath(sys.argv[0]), *args]),
     }
 
 

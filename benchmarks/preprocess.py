@@ -14,9 +14,14 @@ per-task number to a cluster.
     python benchmarks/preprocess.py --json               # ... and one JSON object as the last line
     python benchmarks/preprocess.py --size-mb 20 --workers 1 2 4
     python benchmarks/preprocess.py --array-tasks 2 --array-workers 1 --plot plots/
+    python benchmarks/preprocess.py --megatron-deepspeed ../Megatron-DeepSpeed --array-tasks 0
 
 MB here is 10^6 bytes of jsonl input. The reference point is Megatron-DeepSpeed's
 tools/preprocess_data.py at ~5.2 MB/s wall with 2 workers on a 2-core machine (100 MB in 19.3 s).
+`--megatron-deepspeed DIR` measures it instead: their script, run from DIR (a checkout of
+bigscience-workshop/Megatron-DeepSpeed) in this Python, on the same corpus and tokenizer folder
+with the same worker counts, alternating with ours; its rows join the table, and both outputs are
+read back to report whether they hold the same token ids (benchmarks/megatron_deepspeed.py).
 Other processes on the machine slow every number; the load average is printed with the results.
 """
 from __future__ import annotations
@@ -31,8 +36,10 @@ import time
 
 import numpy as np
 
+from benchmarks import megatron_deepspeed
 from benchmarks.common import add_output_args, finish, format_run_info, run_info
 from megatron_bloom.data.indexed_dataset import MMapIndexedDataset
+from megatron_bloom.data.tokenizer import load_tokenizer
 from megatron_bloom.errors import UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=None, help="keep corpus and outputs here (default: a temporary folder)")
     p.add_argument("--array-tasks", type=int, default=2, help="array tasks run at once (0: skip the array measurement)")
     p.add_argument("--array-workers", type=int, default=1, help="tokenizer processes per array task")
+    p.add_argument("--megatron-deepspeed", metavar="DIR", default=None,
+                   help="also time DIR/tools/preprocess_data.py (a Megatron-DeepSpeed checkout) and compare its token ids")
     add_output_args(p)
     return p.parse_args(argv)
 
@@ -60,15 +69,38 @@ def _cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(cmd: list[str]) -> tuple[float, float]:
+def _run(cmd: list[str], cwd: str | None = None, env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the process and the workers it waited for)."""
     cpu, start = _cpu_of_children(), time.perf_counter()
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"benchmark step failed: {' '.join(cmd)}: {last}")
     return elapsed, _cpu_of_children() - cpu
+
+
+def timed_run(cmd: list[str], dataset: str, size: int, workers: int, cwd: str | None = None, env: dict | None = None) -> dict:
+    """One preprocessing run: wall and CPU time, and what it wrote to the `dataset` prefix."""
+    load_before = os.getloadavg()[0]
+    # CPU seconds show the work done whatever else runs on the machine; wall is what users see.
+    wall, cpu = _run(cmd, cwd, env)
+    ds = MMapIndexedDataset(dataset)
+    tokens = int(ds.sizes.sum(dtype=np.int64))
+    return {
+        "workers": workers, "wall_s": wall, "mb_per_s": size / wall / 1e6, "tokens_per_s": tokens / wall,
+        "cpu_s": cpu, "mb_per_cpu_s": size / cpu / 1e6,
+        "documents": len(ds), "tokens": tokens, "load_avg_1min_before": load_before,
+    }  # fmt: skip
+
+
+def prepare_megatron_deepspeed(path: str, work: str) -> dict:
+    """The checkout, the environment its script runs in, and what importing it takes; fails in one line."""
+    checkout = megatron_deepspeed.check_checkout(path)
+    env, notes = megatron_deepspeed.environment(work)
+    found = megatron_deepspeed.preflight(checkout, env)
+    return {"dir": checkout, "commit": megatron_deepspeed.checkout_commit(checkout), "env": env, "compat": notes,
+            "import_s": found["import_s"], "versions": found["versions"]}
 
 
 def sequential_read(prefix: str) -> dict:
@@ -130,40 +162,50 @@ def array_run(args, work: str, corpus: str, tok_dir: str) -> dict:
 
 
 def bench(args, work: str) -> dict:
+    # Their script's imports are checked before the corpus is made, so a missing module costs seconds.
+    mds = prepare_megatron_deepspeed(args.megatron_deepspeed, work) if args.megatron_deepspeed else None
     tools = os.path.join(REPO, "data_tools")
     corpus, tok_dir = os.path.join(work, "corpus.jsonl"), os.path.join(work, "tokenizer")
     t_corpus, _ = _run([sys.executable, os.path.join(tools, "make_corpus.py"), "--output", corpus, "--size-mb", str(args.size_mb), "--seed", str(args.seed)])
     t_train, _ = _run([sys.executable, os.path.join(tools, "train_tokenizer.py"), "--input", corpus, "--vocab-size", str(args.vocab_size),
                     "--output-dir", tok_dir, "--sample-mb", str(args.train_sample_mb)])  # fmt: skip
     size = os.path.getsize(corpus)
-    # Worker counts alternate within each repeat so that load from other processes, which comes
-    # and goes, hits every count alike; the fastest wall time per count is reported.
+    # Worker counts (and ours and theirs) alternate within each repeat so that load from other
+    # processes, which comes and goes, hits every run alike; the fastest wall time per run is reported.
     best: dict[int, dict] = {}
+    theirs: dict[int, dict] = {}
     for _ in range(args.repeats):
         for workers in args.workers:
             prefix = os.path.join(work, f"out_w{workers}")
             cmd = [sys.executable, os.path.join(tools, "preprocess_data.py"), "--input", corpus, "--output-prefix", prefix,
                    "--tokenizer-name-or-path", tok_dir, "--json-keys", "text", "--append-eod", "--workers", str(workers), "--quiet"]  # fmt: skip
-            load_before = os.getloadavg()[0]
-            # CPU seconds show the work done whatever else runs on the machine; wall is what users see.
-            wall, cpu = _run(cmd)
-            if workers in best and best[workers]["wall_s"] <= wall:
-                continue
-            ds = MMapIndexedDataset(f"{prefix}_text_document")
-            tokens = int(ds.sizes.sum(dtype=np.int64))
-            best[workers] = {
-                "workers": workers, "wall_s": wall, "mb_per_s": size / wall / 1e6, "tokens_per_s": tokens / wall,
-                "cpu_s": cpu, "mb_per_cpu_s": size / cpu / 1e6,
-                "documents": len(ds), "tokens": tokens, "load_avg_1min_before": load_before,
-            }  # fmt: skip
+            run = timed_run(cmd, f"{prefix}_text_document", size, workers)
+            if workers not in best or run["wall_s"] < best[workers]["wall_s"]:
+                best[workers] = run
+            if mds:
+                out = os.path.join(work, f"mds_w{workers}")
+                cmd = megatron_deepspeed.command(corpus, out, tok_dir, workers)
+                run = timed_run(cmd, megatron_deepspeed.output_prefix(out), size, workers, cwd=mds["dir"], env=mds["env"])
+                if workers not in theirs or run["wall_s"] < theirs[workers]["wall_s"]:
+                    theirs[workers] = dict(run, command=cmd)
     runs = [best[w] for w in args.workers]
+    if mds:
+        # Ours runs with --append-eod, so theirs does too; an EOD id the comparison can name.
+        eod_id = load_tokenizer(tok_dir).eod_id
+        for w, run in theirs.items():
+            run["ids"] = megatron_deepspeed.compare(os.path.join(work, f"out_w{w}_text_document"),
+                                                    megatron_deepspeed.output_prefix(os.path.join(work, f"mds_w{w}")), eod_id)
+        cmd = theirs[args.workers[-1]]["command"]
+        mds = {k: v for k, v in mds.items() if k != "env"}
+        mds.update(runs=[{k: v for k, v in theirs[w].items() if k != "command"} for w in args.workers],
+                   run=run_info(cmd[2:], program=cmd[1]))
     read = sequential_read(f"{os.path.join(work, f'out_w{args.workers[-1]}')}_text_document")
     array = array_run(args, work, corpus, tok_dir) if args.array_tasks > 0 else None
     return {
         "array": array,
         "corpus_mb": size / 1e6, "corpus_gen_s": t_corpus, "tokenizer_train_s": t_train, "vocab_size": args.vocab_size,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "runs": runs, "sequential_read": read, "reference_mb_per_s": REFERENCE_MB_S,
+        "runs": runs, "sequential_read": read, "reference_mb_per_s": REFERENCE_MB_S, "megatron_deepspeed": mds,
     }  # fmt: skip
 
 
@@ -173,13 +215,17 @@ def print_table(res: dict) -> None:
         f"corpus {res['corpus_mb']:.1f} MB (generated in {res['corpus_gen_s']:.1f}s), {res['vocab_size']}-token BPE "
         f"(trained in {res['tokenizer_train_s']:.1f}s), {res['cpus']} CPUs\n"
     )
-    print("| workers | wall s | MB/s | tokens/s | vs Megatron-DS 5.2 MB/s | CPU s | MB per CPU s | load avg before |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in res["runs"]:
+    mds = res["megatron_deepspeed"]
+    rows = [("megatron_bloom", r) for r in res["runs"]] + [("Megatron-DeepSpeed", r) for r in (mds["runs"] if mds else [])]
+    print("| tool | workers | wall s | MB/s | tokens/s | vs Megatron-DS 5.2 MB/s | CPU s | MB per CPU s | load avg before |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for tool, r in rows:
         print(
-            f"| {r['workers']} | {r['wall_s']:.1f} | {r['mb_per_s']:.2f} | {r['tokens_per_s'] / 1e6:.2f}M | "
+            f"| {tool} | {r['workers']} | {r['wall_s']:.1f} | {r['mb_per_s']:.2f} | {r['tokens_per_s'] / 1e6:.2f}M | "
             f"{r['mb_per_s'] / REFERENCE_MB_S:.2f}x | {r['cpu_s']:.1f} | {r['mb_per_cpu_s']:.2f} | {r['load_avg_1min_before']:.2f} |"
         )
+    if mds:
+        print_megatron_deepspeed(res)
     read = res["sequential_read"]
     print(
         f"\nMMapIndexedDataset sequential read: {read['sequences_per_s']:,.0f} sequences/s, "
@@ -198,6 +244,25 @@ def print_table(res: dict) -> None:
               f"load avg before {array['load_avg_1min_before']:.2f}")
 
 
+def print_megatron_deepspeed(res: dict) -> None:
+    mds = res["megatron_deepspeed"]
+    where = f"commit {mds['commit']}" if mds["commit"] else "not a git checkout, commit unknown"
+    print(f"\nMegatron-DeepSpeed's tools/preprocess_data.py, run in {mds['dir']} ({where}):")
+    print(format_run_info(mds["run"]))
+    others = [str(r["workers"]) for r in mds["runs"][:-1]]
+    versions = ", ".join(f"{k} {v}" for k, v in mds["versions"].items() if v)
+    print(f"({versions}; importing the script took {mds['import_s']:.1f} s in a check before the runs, a part of each run's wall time"
+          + (f"; the other rows ran it with --workers {', '.join(others)})" if others else ")"))
+    for note in mds["compat"]:
+        print(f"note: {note}")
+    for ours, theirs in zip(res["runs"], mds["runs"]):
+        ids = theirs["ids"]
+        print(f"token ids, {theirs['workers']} worker(s): {'match' if ids['match'] else 'DIFFER'}: {ids['explanation']}")
+    ratios = ", ".join(f"{ours['mb_per_s'] / theirs['mb_per_s']:.2f}x with {ours['workers']} worker(s)"
+                       for ours, theirs in zip(res["runs"], mds["runs"]))
+    print(f"megatron_bloom / Megatron-DeepSpeed wall MB/s: {ratios}")
+
+
 def plot(res: dict, out_dir: str) -> list:
     from benchmarks.common import pyplot
 
@@ -205,6 +270,9 @@ def plot(res: dict, out_dir: str) -> list:
     os.makedirs(out_dir, exist_ok=True)
     labels = [f"preprocess_data\n{r['workers']} workers" for r in res["runs"]]
     values = [r["mb_per_s"] for r in res["runs"]]
+    if res["megatron_deepspeed"]:
+        labels += [f"Megatron-DS\n{r['workers']} workers" for r in res["megatron_deepspeed"]["runs"]]
+        values += [r["mb_per_s"] for r in res["megatron_deepspeed"]["runs"]]
     if res["array"]:
         labels += [f"array task {t['task']}" for t in res["array"]["per_task"]] + ["array"]
         values += [t["mb_per_s"] for t in res["array"]["per_task"]] + [res["array"]["array_mb_per_s"]]
@@ -224,6 +292,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.array_tasks < 0 or args.array_workers < 1:
         raise UserError("--array-tasks must be >= 0 and --array-workers >= 1")
+    if args.megatron_deepspeed:
+        megatron_deepspeed.check_checkout(args.megatron_deepspeed)  # a wrong DIR fails before any work
     if args.work_dir:
         os.makedirs(args.work_dir, exist_ok=True)
         res = bench(args, args.work_dir)
