@@ -102,9 +102,9 @@ def flush_denormals() -> bool:
     """Treat denormal floats as zero in CPU math (FTZ/DAZ) on this thread and torch's worker threads.
 
     BLOOM's ALiBi bias makes many attention scores very negative; their exp underflows to
-    denormals, which x86 computes far more slowly. Forward+backward of SDPA with the bias (fp32,
-    2 threads, 4 x 8 heads x 512 tokens) took 61 ms with denormals and 39 ms flushed, as fast as
-    a plain causal mask; the values lost are below 1e-38. Worker threads copy the setting when
+    denormals, which x86 computes far more slowly (``python benchmarks/denormals.py`` times SDPA
+    with the bias, with a plain causal mask and flushed; the README quotes it). The values lost
+    are below 1e-38. Worker threads copy the setting when
     they are created, so this must run before torch's first parallel op. Returns whether the
     flush holds on every thread that computed a probe (False on a CPU without it).
     """
