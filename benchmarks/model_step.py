@@ -167,15 +167,19 @@ def profile_steps(step, batches) -> dict:
     seconds = {category: 0.0 for category, _ in PROFILE_CATEGORIES}
     seconds[OTHER] = 0.0
     matmul_flops = 0
+    rest = {}
     for event in prof.key_averages():
         category = op_category(event.key)
         seconds[category] += event.self_cpu_time_total / 1e6 / n
         if category == "dense matmuls":
             matmul_flops += event.flops / n
-    return {"wall_s": wall / n, "seconds": seconds, "matmul_flops": matmul_flops}
+        elif category == OTHER:
+            rest[event.key] = event.self_cpu_time_total / 1e6 / n
+    largest_rest = dict(sorted(rest.items(), key=lambda kv: -kv[1])[:4])
+    return {"wall_s": wall / n, "seconds": seconds, "matmul_flops": matmul_flops, "largest_rest": largest_rest}
 
 
-def print_profile(profiles: dict, args, peak: float) -> None:
+def print_profile(profiles: dict, args, peak: float, medians: dict) -> None:
     b, s, h, layers = args.micro_batch_size, args.seq_length, args.hidden_size, args.num_layers
     # The attention kernel's model FLOPs: QK^T and PV forward (4 b s^2 h per layer), twice that backward.
     attention_flops = 12 * b * s * s * h * layers
@@ -192,6 +196,9 @@ def print_profile(profiles: dict, args, peak: float) -> None:
         print(f"| {category} | " + " | ".join(cells) + " |")
     cells = [f"{sum(p['seconds'].values()):.3f} (wall {p['wall_s']:.3f}) | 100%" for p in profiles.values()]
     print("| all ops | " + " | ".join(cells) + " |")
+    print("profiled step wall vs the timed median (what profiling itself costs, and how far to trust the split): "
+          + ", ".join(f"{labels[name]} {prof['wall_s']:.3f} s vs {medians[name]:.3f} s "
+                      f"({prof['wall_s'] / medians[name] - 1:+.0%})" for name, prof in profiles.items()))
     for name, prof in profiles.items():
         mm_s = prof["seconds"]["dense matmuls"]
         line = (f"{labels[name]}: dense matmuls {prof['matmul_flops'] / 1e9:,.1f} GFLOP per step in {mm_s:.3f} s = "
@@ -202,6 +209,8 @@ def print_profile(profiles: dict, args, peak: float) -> None:
             line += (f"; attention kernel {attention_flops / 1e9:,.1f} GFLOP (12 b s^2 h L) in {attn_s:.3f} s = "
                      f"{attention_flops / attn_s / peak:.0%} of the peak")
         print(line)
+        print(f"{labels[name]}: largest in '{OTHER}': "
+              + ", ".join(f"{op} {sec:.3f} s" for op, sec in prof["largest_rest"].items()))
 
 
 def main(argv=None):
@@ -286,7 +295,7 @@ def main(argv=None):
                 batches.append((tokens[:, :-1], tokens[:, 1:]))
             profiles[name] = profile_steps(steps[name], batches)
         result["profile"] = profiles
-        print_profile(profiles, args, peak)
+        print_profile(profiles, args, peak, {name: result[f"{name}_median_step_s"] for name in profiles})
     print(f"\n{format_run_info(result['run'])}")
     if args.plot:
         plot(result, args.plot)
