@@ -128,10 +128,9 @@ def time_check(name: str, folder: str, write_s: float, repeat: int) -> dict:
 
 def plot(result: dict, out_dir: str) -> list:
     """checkpoint_check.png: warm check time of each folder (log scale: seconds next to milliseconds)."""
-    from benchmarks.common import pyplot
+    from benchmarks.common import pyplot, save_figure
 
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     cases = result["cases"]
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     bars = ax.bar([f"{c['name']}\n{c['files']:,} file{'s' * (c['files'] != 1)}, {c['bytes'] / 2**20:,.0f} MiB" for c in cases],
@@ -141,11 +140,7 @@ def plot(result: dict, out_dir: str) -> list:
     ax.set_ylabel("seconds (warm, median)")
     ax.set_title("checkpoint check before --load", fontsize=10)
     ax.tick_params(axis="x", labelsize=7)
-    path = os.path.join(out_dir, "checkpoint_check.png")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "checkpoint_check.png")]
 
 
 def main(argv=None) -> int:

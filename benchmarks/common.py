@@ -94,6 +94,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, out_dir: str, name: str) -> str:
+    """Lay out ``fig``, write it to ``out_dir/name`` (PNG, 100 dpi), close it and return the path."""
+    plt = pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def finish(result: Dict, args, plot) -> None:
     """The end every benchmark shares: ``--plot DIR`` PNGs (named in the output), ``--json`` last."""
     import json

@@ -160,21 +160,16 @@ def print_report(result: Dict) -> None:
 
 
 def plot(result: Dict, out_dir: str) -> List[str]:
-    from benchmarks.common import pyplot
+    from benchmarks.common import pyplot, save_figure
 
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in result["results"]]
     ax.bar(steps, [r["growth"] / 2**30 for r in result["results"]], label="peak RSS growth")
     ax.axhline(result["sizes"]["model"] / 2**30, color="k", linestyle="--", label="model size")
     ax.set_ylabel("GiB")
     ax.legend()
-    path = os.path.join(out_dir, "convert_memory.png")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "convert_memory.png")]
 
 
 def main(argv=None) -> None:

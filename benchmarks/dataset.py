@@ -198,10 +198,9 @@ def plot(result: dict, out_dir: str) -> list:
     """dataset_index.png: index build and cached load per documents x epochs; dataset_blend.png:
     blending time per number of datasets; dataset_scan.png (with --scan-gb): cold and warm
     token-id scan time per .bin size."""
-    from benchmarks.common import pyplot
+    from benchmarks.common import pyplot, save_figure
 
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     paths = []
     rows = result["index"]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5))
@@ -212,20 +211,14 @@ def plot(result: dict, out_dir: str) -> list:
     ax.set_ylabel("seconds")
     ax.set_title(f"GPT index build, seq_length {result['seq_length']}")
     ax.legend()
-    paths.append(os.path.join(out_dir, "dataset_index.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir, "dataset_index.png"))
     blend = result["blend"]
     fig, ax = plt.subplots(figsize=(4, 3.5))
     ax.bar([str(r["num_datasets"]) for r in blend], [r["seconds"] for r in blend])
     ax.set_xlabel("datasets blended")
     ax.set_ylabel("seconds")
     ax.set_title(f"blending indices, {blend[0]['samples']:,} samples" if blend else "blending indices")
-    paths.append(os.path.join(out_dir, "dataset_blend.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir, "dataset_blend.png"))
     scan = result["scan"]
     if scan:
         fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(scan)), 3.5))
@@ -240,10 +233,7 @@ def plot(result: dict, out_dir: str) -> list:
         ax.set_ylabel("seconds")
         ax.legend(fontsize=7)
         ax.set_title("token-id scan at start-up (no sidecar)")
-        paths.append(os.path.join(out_dir, "dataset_scan.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(save_figure(fig, out_dir, "dataset_scan.png"))
     return paths
 
 

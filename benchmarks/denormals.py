@@ -144,19 +144,14 @@ def main(argv=None):
 
 
 def plot(result: dict, out_dir: str) -> list:
-    from benchmarks.common import pyplot
+    from benchmarks.common import pyplot, save_figure
 
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(list(CASES), [result["cases"][c]["median_ms"] for c in CASES], color=["tab:red", "tab:gray", "tab:blue"])
     ax.set_ylabel("ms per forward+backward")
     ax.set_title(f"SDPA, b={result['micro_batch_size']} heads={result['num_attention_heads']} s={result['seq_length']}")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "denormals_sdpa.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "denormals_sdpa.png")]
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
-from benchmarks.common import add_model_args, format_run_info, pyplot, run_info
+from benchmarks.common import add_model_args, format_run_info, pyplot, run_info, save_figure
 from megatron_bloom.errors import fail, run_main
 from megatron_bloom.config.schema import ModelConfig
 from megatron_bloom.distributed.init import flush_denormals
@@ -305,7 +304,6 @@ def main(argv=None):
 
 def plot(result: dict, out_dir: str) -> str:
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2))
     labels, colors = ["megatron_bloom", "transformers"], ["tab:blue", "tab:gray"]
     ax1.bar(labels, [result["ours_tokens_per_s"], result["hf_tokens_per_s"]], color=colors)
@@ -314,10 +312,7 @@ def plot(result: dict, out_dir: str) -> str:
     ax2.bar(labels, [100 * result["ours_mfu"], 100 * result["hf_mfu"]], color=colors)
     ax2.set_ylabel("MFU (% of measured matmul peak)")
     ax2.set_title(f"h={result['hidden_size']} L={result['num_layers']} s={result['seq_length']} b={result['micro_batch_size']}")
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"model_step_{result['dtype']}_h{result['hidden_size']}.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = save_figure(fig, out_dir, f"model_step_{result['dtype']}_h{result['hidden_size']}.png")
     print(f"wrote {path}")
     return path
 

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import statistics
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 from benchmarks.common import (
-    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, save_figure)
 from megatron_bloom.errors import run_main
 
 DEFAULT_LAYOUTS = "1,1,1 2,1,1 1,2,1 1,1,2 2,2,1"
@@ -431,7 +430,6 @@ def print_report(result: dict) -> None:
 
 def plot(result: dict, directory: str) -> List[str]:
     plt = pyplot()
-    os.makedirs(directory, exist_ok=True)
     paths = []
     kinds = ("tp", "pp_send", "pp_gather", "pp_tied", "dp", "other")
     labels = [f"({r['tp']},{r['pp']},{r['dp']})" for r in result["layouts"]]
@@ -455,10 +453,7 @@ def plot(result: dict, directory: str) -> List[str]:
     ax2.set_xlabel("(TP, PP, DP)")
     ax2.set_ylabel("seconds per step")
     ax2.set_title(f"step time at global batch {result['config']['global_batch_size']}")
-    fig.tight_layout()
-    paths.append(os.path.join(directory, "parallel_costs.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, directory, "parallel_costs.png"))
     if result["bubble"]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         ms = [r["micro_batches"] for r in result["bubble"]]
@@ -469,10 +464,7 @@ def plot(result: dict, directory: str) -> List[str]:
         ax.set_ylabel("idle fraction of the 1F1B span")
         ax.set_title("pipeline bubble, PP=2")
         ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(directory, "pipeline_bubble.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(save_figure(fig, directory, "pipeline_bubble.png"))
     return paths
 
 

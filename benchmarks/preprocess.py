@@ -260,10 +260,9 @@ def print_megatron_deepspeed(res: dict) -> None:
 
 
 def plot(res: dict, out_dir: str) -> list:
-    from benchmarks.common import pyplot
+    from benchmarks.common import pyplot, save_figure
 
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     labels = [f"preprocess_data\n{r['workers']} workers" for r in res["runs"]]
     values = [r["mb_per_s"] for r in res["runs"]]
     if res["megatron_deepspeed"]:
@@ -277,11 +276,7 @@ def plot(res: dict, out_dir: str) -> list:
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set_ylabel("MB/s of jsonl (wall)")
     ax.set_title(f"preprocessing, {res['corpus_mb']:.0f} MB, {res['cpus']} CPUs")
-    path = os.path.join(out_dir, "preprocess_throughput.png")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "preprocess_throughput.png")]
 
 
 def main(argv=None) -> int:

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from typing import Dict, List
 
 from benchmarks.common import (
-    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info)
+    add_model_args, add_output_args, finish, format_run_info, markdown_table, mib, pyplot, run_info, save_figure)
 from megatron_bloom.errors import run_main
 
 ZERO_KINDS = ("weights", "gradients", "optimizer_states")
@@ -267,7 +266,6 @@ def print_report(result: dict) -> None:
 
 def plot(result: dict, directory: str) -> List[str]:
     plt = pyplot()
-    os.makedirs(directory, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if result["zero"]:
         ax = axes[0]
@@ -300,11 +298,7 @@ def plot(result: dict, directory: str) -> List[str]:
         ax.set_ylabel("MiB")
         ax.set_title("activations, one micro-batch")
         ax.legend()
-    fig.tight_layout()
-    path = os.path.join(directory, "zero_memory.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, directory, "zero_memory.png")]
 
 
 def main(argv=None) -> None:
