@@ -5,12 +5,14 @@
   DeepSpeed's plain engine (PP = 1, ZeRO 2/3).
 * ``mark_grad_norm_owners``: the per-parameter flags DeepSpeed's gradient norm reads.
 * ``allow_fp16_on_any_cpu``: DeepSpeed's CPU accelerator refusing fp16 where torch computes it.
+* ``cache_cpu_info``: py-cpuinfo asked once per process instead of at every op load.
 
 Every spec is built right after seeding the RNGs with ``base_seed + idx`` (DeepSpeed's
 ``seed_layers``), so both wrappers start from the same weights.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, List, Sequence
 
 import torch
@@ -120,6 +122,33 @@ def allow_fp16_on_any_cpu() -> None:
     if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
         # supported_dtypes(), which DeepSpeed's gradient reduction asserts against, asks the same method.
         accelerator.is_fp16_supported = lambda: True
+
+
+def cache_cpu_info() -> None:
+    """Ask py-cpuinfo once per process instead of at every DeepSpeed op load.
+
+    DeepSpeed's op builders call ``cpuinfo.get_cpu_info()`` for their compiler flags each time they
+    load an op, cached build or not: twice for the CPU comm op that every engine on CPU loads
+    (``cpu_arch`` and ``simd_width``). Each call starts a Python subprocess that times the clock,
+    about 1.3 s on a 2-core AMD EPYC, per rank. The CPU does not change while the process runs, so
+    later calls get a copy of the first answer. Installed once; without py-cpuinfo, nothing to do.
+    """
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    original = cpuinfo.get_cpu_info
+    if getattr(original, "asks_once", False):
+        return
+    answer: dict = {}
+
+    def get_cpu_info() -> dict:
+        if not answer:
+            answer.update(original())
+        return copy.deepcopy(answer)
+
+    get_cpu_info.asks_once = True
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 def norm_of_no_gradients_is_zero() -> None:

@@ -26,6 +26,7 @@ from megatron_bloom.training.deepspeed_config import build_deepspeed_config, gra
 from megatron_bloom.training.deepspeed_glue import (
     BloomSequential,
     allow_fp16_on_any_cpu,
+    cache_cpu_info,
     build_pipeline_module,
     mark_grad_norm_owners,
     norm_of_no_gradients_is_zero,
@@ -118,6 +119,7 @@ class BloomEngine:
         self.ds_config = build_deepspeed_config(cfg)
         # Fixed at initialize time in DeepSpeed: decided before the engine exists.
         self.ds_config["checkpoint"]["load_universal"] = load_universal
+        cache_cpu_info()
         if cfg.training.fp16:
             allow_fp16_on_any_cpu()
         if cfg.training.bf16:
