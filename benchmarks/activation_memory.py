@@ -42,8 +42,7 @@ from typing import Callable, Dict, List
 
 from benchmarks.common import format_run_info, markdown_table, mib, run_info
 from megatron_bloom.errors import run_main
-
-BLOOM_PADDED_VOCAB = 250_880
+from megatron_bloom.models.bloom.sizes import BLOOM_PADDED_VOCAB
 
 
 def resident_bytes() -> int:

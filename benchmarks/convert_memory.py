@@ -34,6 +34,7 @@ from typing import Dict, List
 from benchmarks.common import add_output_args, finish, format_run_info, markdown_table, run_info
 from megatron_bloom.commands.convert_checkpoint import parse_size
 from megatron_bloom.errors import UserError, run_main
+from megatron_bloom.models.bloom.sizes import BLOOM_PADDED_VOCAB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--num-layers", type=int, default=24)
     p.add_argument("--num-attention-heads", type=int, default=16)
-    p.add_argument("--vocab-size", type=int, default=250880)
+    p.add_argument("--vocab-size", type=int, default=BLOOM_PADDED_VOCAB)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
     p.add_argument("--tp", type=int, default=2, help="TP of the native checkpoint (hf-to-native --tp)")
     p.add_argument("--max-shard-size", default="500MB", help="shard size of the transformers folders")

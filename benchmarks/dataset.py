@@ -37,6 +37,7 @@ from megatron_bloom.data.indexed_dataset import (
     best_dtype,
 )
 from megatron_bloom.errors import run_main
+from megatron_bloom.models.bloom.sizes import BLOOM_PADDED_VOCAB
 
 
 def parse_args(argv=None):
@@ -124,16 +125,14 @@ def bench_read(num_docs: int, read_samples: int, seq_length: int, seed: int) -> 
     }
 
 
-BLOOM_VOCAB = 250_880
-"""BLOOM's padded vocabulary: its ids need int32 in the .bin (``best_dtype``)."""
 SCAN_IDS_BELOW = 250_000
-"""The scan's random ids are drawn below this; one id of BLOOM_VOCAB - 1 is planted."""
+"""The scan's random ids are drawn below this; one id of BLOOM_PADDED_VOCAB - 1 is planted."""
 
 
 def write_scan_bin(prefix: str, gib: float, seed: int, chunk_tokens: int = 1 << 24) -> dict:
     """A .bin/.idx of ``gib`` GiB of random ids in log-normal documents (the preprocessing writer's
-    ``add_documents``), without a sidecar; one id of BLOOM_VOCAB - 1 at a random position."""
-    dtype = np.dtype(best_dtype(BLOOM_VOCAB))
+    ``add_documents``), without a sidecar; one id of BLOOM_PADDED_VOCAB - 1 at a random position."""
+    dtype = np.dtype(best_dtype(BLOOM_PADDED_VOCAB))
     total = max(1, int(gib * 2**30) // dtype.itemsize)
     rng = np.random.default_rng(seed)
     planted_at = int(rng.integers(total))
@@ -142,13 +141,13 @@ def write_scan_bin(prefix: str, gib: float, seed: int, chunk_tokens: int = 1 << 
         n = min(chunk_tokens, total - start)
         ids = rng.integers(0, SCAN_IDS_BELOW, size=n, dtype=dtype)
         if start <= planted_at < start + n:
-            ids[planted_at - start] = BLOOM_VOCAB - 1
+            ids[planted_at - start] = BLOOM_PADDED_VOCAB - 1
         lengths = synthetic_sizes(n // 300 + 1, int(rng.integers(2**31))).astype(np.int64)
         lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), n)) + 1]
         lengths[-1] -= int(lengths.sum()) - n  # the chunk's last document ends with the chunk
         builder.add_documents(ids, lengths[lengths > 0])
     builder.finalize(prefix + ".idx")
-    return {"tokens": total, "dtype": dtype.name, "planted_id": BLOOM_VOCAB - 1, "planted_at": planted_at}
+    return {"tokens": total, "dtype": dtype.name, "planted_id": BLOOM_PADDED_VOCAB - 1, "planted_at": planted_at}
 
 
 def evict_from_page_cache(path: str) -> bool:

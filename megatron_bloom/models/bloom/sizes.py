@@ -10,8 +10,11 @@ from typing import Any, Dict
 
 from megatron_bloom.models.bloom.config import ModelConfig
 
+BLOOM_PADDED_VOCAB = 250_880
+"""Embedding rows of every released BLOOM: the tokenizer's 250,680 tokens padded by Megatron."""
+
 _BLOOM_COMMON: Dict[str, Any] = dict(
-    vocab_size=250880,
+    vocab_size=BLOOM_PADDED_VOCAB,
     seq_length=2048,
     layer_norm_epsilon=1e-5,
     init_method_std=0.0048,
